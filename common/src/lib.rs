@@ -1,0 +1,2 @@
+//! What both Strata tiers share.
+pub mod store;

@@ -1,0 +1,330 @@
+//! Merging remote changes into the local tables (capture is off while this runs).
+//!
+//! Per row, causal length first: a change from an older life of the row is dropped; a change
+//! from a newer life moves the row there (an even life deletes it; an odd one resets every cell
+//! to its default, or creates the row with defaults). Within one life each cell is a
+//! last-writer-wins register ordered by (timestamp, site id, seq); a cell with no clock entry is
+//! its default at timestamp zero. A winning value equal to the current one still takes the clock
+//! (so every replica ends with the same metadata) but does not rewrite the row. Row events of the
+//! same life keep the greatest stamp, again so metadata converges.
+//!
+//! Changes for a table or column this node does not have yet are parked, with all their
+//! metadata, and merged by the same rules when the schema arrives.
+//!
+//! Merging is commutative and idempotent: replaying a change, or receiving changes in any order,
+//! ends in the same state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rusqlite::{Connection, ToSql, params_from_iter};
+
+use super::book::{Books, Ord, to_sql};
+use super::change::{Change, SiteId};
+use super::clock::{self, RowLife, Stamp};
+use super::error::{Result, StoreError};
+use super::hlc::Timestamp;
+use super::table::{ROW_EVENT, Table};
+use super::value::{Value, unpack_pk};
+
+/// What merging one change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Merged {
+    /// The base row changed (inserted, updated or deleted).
+    Changed,
+    /// Only metadata changed, or nothing at all.
+    Unchanged,
+    /// Parked until the schema knows its table or column.
+    Parked,
+}
+
+/// The context a change is merged in: who wrote it and where it came from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin {
+    pub(crate) ord: Ord,
+    pub(crate) version: u64,
+    pub(crate) ts: Timestamp,
+}
+
+/// Merges one change. `tables` are the tables by name; `books` gives site ids for ordering.
+pub(crate) fn merge(
+    conn: &Connection,
+    tables: &HashMap<String, Arc<Table>>,
+    books: &Books,
+    origin: Origin,
+    change: &Change,
+) -> Result<Merged> {
+    let Some(table) = tables.get(&change.table) else {
+        park(conn, origin, change)?;
+        return Ok(Merged::Parked);
+    };
+    let stamp = Stamp {
+        ts: origin.ts,
+        site: origin.ord,
+        version: origin.version,
+        seq: change.seq,
+    };
+    let key_values = unpack_pk(&change.pk)?;
+    if key_values.len() != table.key.len() {
+        return Err(StoreError::Malformed(format!(
+            "key of \"{}\" has {} columns, expected {}",
+            table.name(),
+            key_values.len(),
+            table.key.len()
+        )));
+    }
+    let mut changed = false;
+    let life = clock::row_get(conn, table, &change.pk)?;
+    let local_cl = life.map_or(0, |l| l.cl);
+    if change.cl < local_cl {
+        return Ok(Merged::Unchanged);
+    }
+    let row_stamp = if change.is_row_event() {
+        stamp
+    } else {
+        Stamp::IMPLIED
+    };
+    let life = if change.cl > local_cl {
+        changed = enter_life(
+            conn,
+            table,
+            &change.pk,
+            &key_values,
+            life,
+            change.cl,
+            row_stamp,
+        )?;
+        if change.cl % 2 == 0 {
+            return Ok(if changed {
+                Merged::Changed
+            } else {
+                Merged::Unchanged
+            });
+        }
+        clock::row_get(conn, table, &change.pk)?
+            .ok_or_else(|| StoreError::Corrupt("row life vanished after it was written".into()))?
+    } else {
+        let life =
+            life.ok_or_else(|| StoreError::Corrupt("equal causal length without a row".into()))?;
+        if change.is_row_event() {
+            // Same life: keep the greatest row event, so every replica records the same one.
+            if later(books, stamp, (life.ts, life.site, life.seq)) {
+                clock::row_update(conn, table, life.key, life.cl, stamp)?;
+            }
+            return Ok(Merged::Unchanged);
+        }
+        life
+    };
+    let Some(column) = change.column.as_deref() else {
+        return Ok(if changed {
+            Merged::Changed
+        } else {
+            Merged::Unchanged
+        });
+    };
+    let Some(position) = table.tracked_position(column) else {
+        park(conn, origin, change)?;
+        return Ok(Merged::Parked);
+    };
+    if merge_cell(
+        conn,
+        table,
+        books,
+        &life,
+        &key_values,
+        position,
+        &change.value,
+        stamp,
+    )? {
+        changed = true;
+    }
+    Ok(if changed {
+        Merged::Changed
+    } else {
+        Merged::Unchanged
+    })
+}
+
+/// Moves a row to a newer life. Returns whether the base row changed.
+fn enter_life(
+    conn: &Connection,
+    table: &Table,
+    pk: &[u8],
+    key_values: &[Value],
+    life: Option<RowLife>,
+    cl: u64,
+    stamp: Stamp,
+) -> Result<bool> {
+    let key_params = || params_from_iter(key_values.iter());
+    let exists = base_exists(conn, table, key_values)?;
+    let changed = if cl % 2 == 0 {
+        exists
+            && conn
+                .prepare_cached(&table.sql.base_delete)?
+                .execute(key_params())?
+                > 0
+    } else if exists {
+        if !table.sql.base_reset.is_empty() {
+            conn.prepare_cached(&table.sql.base_reset)?
+                .execute(key_params())?;
+        }
+        true
+    } else {
+        conn.prepare_cached(&table.sql.base_insert_key)?
+            .execute(key_params())?;
+        true
+    };
+    match life {
+        Some(life) => {
+            clock::row_update(conn, table, life.key, cl, stamp)?;
+            clock::clock_clear(conn, table, life.key)?;
+        }
+        None => {
+            clock::row_insert(conn, table, pk, cl, stamp)?;
+        }
+    }
+    Ok(changed)
+}
+
+/// Merges one cell of a live row. Returns whether the base row changed.
+#[allow(clippy::too_many_arguments)]
+fn merge_cell(
+    conn: &Connection,
+    table: &Table,
+    books: &Books,
+    life: &RowLife,
+    key_values: &[Value],
+    position: usize,
+    value: &Value,
+    stamp: Stamp,
+) -> Result<bool> {
+    if let Some(local) = clock::clock_get(conn, table, life.key, position)? {
+        if !later(books, stamp, (local.ts, local.site, local.seq)) {
+            return Ok(false);
+        }
+    }
+    clock::clock_set(conn, table, life.key, position, stamp)?;
+    let current: Option<Value> = conn
+        .prepare_cached(&table.sql.base_select)?
+        .query_row(params_from_iter(key_values.iter()), |row| {
+            let j = table
+                .tracked
+                .iter()
+                .position(|&p| p == position)
+                .unwrap_or(0);
+            row.get(j)
+        })
+        .map(Some)
+        .or_else(|err| match err {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            other => Err(other),
+        })?;
+    match current {
+        Some(current) if current.same_as(to_ref(value)) => Ok(false),
+        Some(_) => {
+            let mut params: Vec<&dyn ToSql> = key_values.iter().map(|v| v as &dyn ToSql).collect();
+            params.push(value);
+            conn.prepare_cached(&table.sql.base_update[position])?
+                .execute(params.as_slice())?;
+            Ok(true)
+        }
+        None => Err(StoreError::Corrupt(format!(
+            "live row of \"{}\" has no base row",
+            table.name()
+        ))),
+    }
+}
+
+fn to_ref(value: &Value) -> rusqlite::types::ValueRef<'_> {
+    use rusqlite::types::ValueRef;
+    match value {
+        Value::Null => ValueRef::Null,
+        Value::Integer(i) => ValueRef::Integer(*i),
+        Value::Real(r) => ValueRef::Real(*r),
+        Value::Text(s) => ValueRef::Text(s.as_bytes()),
+        Value::Blob(b) => ValueRef::Blob(b),
+    }
+}
+
+fn base_exists(conn: &Connection, table: &Table, key_values: &[Value]) -> Result<bool> {
+    let mut stmt = conn.prepare_cached(&table.sql.base_select)?;
+    let mut rows = stmt.query(params_from_iter(key_values.iter()))?;
+    Ok(rows.next()?.is_some())
+}
+
+/// Whether `stamp` is ordered after the recorded `(ts, site, seq)`.
+fn later(books: &Books, stamp: Stamp, recorded: (Timestamp, Ord, u32)) -> bool {
+    let site_id = |ord: Ord| books.ids.get(&ord).copied().unwrap_or(SiteId([0; 16]));
+    let (ts, site, seq) = recorded;
+    if site < 0 {
+        // An implied row life: every real stamp is later.
+        return true;
+    }
+    (stamp.ts, site_id(stamp.site), stamp.seq) > (ts, site_id(site), seq)
+}
+
+/// Parks a change for a table or column this node does not know yet.
+pub(crate) fn park(conn: &Connection, origin: Origin, change: &Change) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO __strata_parked (ord, version, seq, tbl, pk, col, val, ts, cl)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(rusqlite::params![
+        origin.ord,
+        to_sql(origin.version),
+        change.seq,
+        change.table,
+        change.pk,
+        change.column.as_deref().unwrap_or(ROW_EVENT),
+        change.value,
+        origin.ts.as_sql(),
+        to_sql(change.cl),
+    ])?;
+    Ok(())
+}
+
+/// A parked change, with where it came from.
+pub(crate) struct ParkedChange {
+    pub(crate) origin: Origin,
+    pub(crate) change: Change,
+}
+
+/// Reads parked changes of one table.
+pub(crate) fn parked_for(conn: &Connection, table: &str) -> Result<Vec<ParkedChange>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT ord, version, seq, pk, col, val, ts, cl FROM __strata_parked WHERE tbl = ?1
+         ORDER BY ord, version, seq",
+    )?;
+    let rows = stmt.query_map([table], |row| {
+        let col: String = row.get(4)?;
+        Ok(ParkedChange {
+            origin: Origin {
+                ord: row.get(0)?,
+                version: super::book::from_sql(row.get(1)?),
+                ts: Timestamp::from_sql(row.get(6)?),
+            },
+            change: Change {
+                table: table.to_owned(),
+                pk: row.get(3)?,
+                column: if col == ROW_EVENT { None } else { Some(col) },
+                value: row.get(5)?,
+                cl: super::book::from_sql(row.get(7)?),
+                seq: row.get(2)?,
+            },
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Forgets a parked change once merged.
+pub(crate) fn unpark(conn: &Connection, parked: &ParkedChange) -> Result<()> {
+    conn.prepare_cached(
+        "DELETE FROM __strata_parked WHERE ord = ?1 AND version = ?2 AND seq = ?3",
+    )?
+    .execute(rusqlite::params![
+        parked.origin.ord,
+        to_sql(parked.origin.version),
+        parked.change.seq
+    ])?;
+    Ok(())
+}

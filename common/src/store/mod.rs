@@ -1,0 +1,711 @@
+//! The replicated SQLite store: tables that record every local change as mergeable versions and
+//! apply other nodes' changes idempotently, in any order. No networking.
+//!
+//! A replicated table is an ordinary SQLite table: readers (including the `sqlite3` tool) query it
+//! as one. Writes go through [`Store::transact`]; triggers that call functions registered only on
+//! the store's writer connection record each changed cell (see `capture`, `local`), so a stray
+//! writer gets an error instead of corrupting the metadata silently.
+//!
+//! - Each local transaction that changes something gets the next version of this site; one that
+//!   changes nothing gets none (see `writer`).
+//! - Each cell is a last-writer-wins register ordered by (hybrid logical timestamp, site id); rows
+//!   live and die by causal length (see `apply`).
+//! - A cell with no clock entry holds its column's default at timestamp zero, which makes `ADD
+//!   COLUMN` free: no backfill, no versions, nothing to send (see `schema`).
+//! - Per-site bookkeeping (head, gaps, partial versions) is written in the same transaction as the
+//!   data (see `book`), and [`Store::changes`] serves versions to peers (see `extract`).
+//!
+//! Layout of a node's database: the replicated tables, their `__strata_rows_N` and
+//! `__strata_clock_N` metadata, and the store's own `__strata_*` tables (see `meta`).
+
+mod apply;
+mod book;
+mod capture;
+mod change;
+mod clock;
+mod error;
+mod extract;
+mod hlc;
+mod local;
+mod meta;
+mod readers;
+mod schema;
+mod table;
+mod value;
+mod writer;
+
+use std::collections::HashMap;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+pub use book::SiteState;
+pub use change::{Change, Changeset, SiteId};
+pub use error::{Result, StoreError};
+pub use hlc::Timestamp;
+pub use meta::FreshReason;
+pub use schema::{ColumnDef, IndexDef, Refusal, Schema, SchemaRefusal, TableDef};
+pub use value::{PkError, Value, display_pk, pack_pk, unpack_pk};
+
+use book::{Books, Ord};
+use capture::Capture;
+use readers::Readers;
+use table::Table;
+use writer::{Request, Writer};
+
+/// How durable a local commit is when the call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `synchronous=NORMAL`: survives a process crash; a power loss may lose the last commits,
+    /// after which the store writes under a new site id, so no version number is ever reused.
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: every commit is on disk before the call returns.
+    Full,
+}
+
+/// Settings of a store. Every bound is here, with its reason.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Reader connections at most (queries and change extraction run concurrently up to this).
+    pub readers: usize,
+    /// Page cache of the writer connection, KiB.
+    pub writer_cache_kib: i64,
+    /// Page cache of each reader connection, KiB.
+    pub reader_cache_kib: i64,
+    /// Requests queued for the writer at most; callers wait beyond it (backpressure).
+    pub queue_len: usize,
+    /// Statements in one transaction at most.
+    pub statements_max: usize,
+    /// Bytes of SQL in one statement at most.
+    pub sql_bytes_max: usize,
+    /// Cells one transaction may change at most: bounds the version every peer must apply whole.
+    pub cells_max: usize,
+    /// Target size of a changeset chunk, bytes.
+    pub chunk_bytes: usize,
+    /// How far ahead of our wall clock a remote timestamp may be before it is counted as far-future.
+    pub clock_drift_max_ms: u64,
+    /// Durability of local commits.
+    pub durability: Durability,
+    /// Commit events buffered per subscriber before it is told it lagged.
+    pub events_capacity: usize,
+    /// Rows a [`Store::query`] returns at most.
+    pub query_rows_max: usize,
+    /// The kernel boot id; `None` reads it from the kernel. Tests set it to simulate a reboot.
+    pub boot_id: Option<String>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            readers: 4,
+            writer_cache_kib: 32 * 1024,
+            reader_cache_kib: 8 * 1024,
+            queue_len: 1024,
+            statements_max: 10_000,
+            sql_bytes_max: 1 << 20,
+            cells_max: 100_000,
+            chunk_bytes: 64 * 1024,
+            clock_drift_max_ms: 10_000,
+            durability: Durability::Normal,
+            events_capacity: 1024,
+            query_rows_max: 100_000,
+            boot_id: None,
+        }
+    }
+}
+
+/// One SQL statement with positional parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    /// The SQL text (one statement).
+    pub sql: String,
+    /// Values for `?1`, `?2`, ...
+    pub params: Vec<Value>,
+}
+
+impl Statement {
+    /// A statement without parameters.
+    pub fn new(sql: impl Into<String>) -> Statement {
+        Statement {
+            sql: sql.into(),
+            params: Vec::new(),
+        }
+    }
+
+    /// A statement with parameters.
+    pub fn with_params(sql: impl Into<String>, params: Vec<Value>) -> Statement {
+        Statement {
+            sql: sql.into(),
+            params,
+        }
+    }
+}
+
+/// A committed local transaction.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The version it got, or `None` if it changed nothing.
+    pub version: Option<u64>,
+    /// Its timestamp.
+    pub ts: Timestamp,
+    /// Rows each statement affected.
+    pub rows_affected: Vec<usize>,
+    /// What it changed, whole (chunk it for the wire).
+    pub changeset: Option<Changeset>,
+}
+
+/// What applying remote changesets did.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// Versions now held completely that were not before.
+    pub versions: Vec<(SiteId, u64)>,
+    /// Chunks buffered as parts of versions still incomplete.
+    pub buffered: usize,
+    /// Changesets (or chunks) already held.
+    pub duplicates: usize,
+    /// Changesets refused as malformed; nothing of them was applied.
+    pub rejected: Vec<Rejected>,
+    /// Changes that altered a base row.
+    pub rows_changed: usize,
+}
+
+/// A changeset that was refused.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// Its site.
+    pub site: SiteId,
+    /// Its version.
+    pub version: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// What a schema change did. It records no versions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MigrationReport {
+    /// Tables created.
+    pub tables_created: Vec<String>,
+    /// Columns added, as `table.column`.
+    pub columns_added: Vec<String>,
+    /// Indexes created.
+    pub indexes_created: Vec<String>,
+    /// Indexes dropped.
+    pub indexes_dropped: Vec<String>,
+    /// Parked changes merged now that their table or column exists.
+    pub parked_merged: usize,
+}
+
+/// What one group commit changed, for broadcasters and subscribers.
+#[derive(Debug, Clone, Default)]
+pub struct CommitEvent {
+    /// Local versions committed, whole.
+    pub local: Vec<Changeset>,
+    /// Remote versions now held.
+    pub applied: Vec<(SiteId, u64)>,
+    /// Rows whose base values changed, as (table, packed key), sorted.
+    pub changed: Vec<(String, Vec<u8>)>,
+}
+
+/// Rows returned by a query.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rows {
+    /// Column names.
+    pub columns: Vec<String>,
+    /// The rows.
+    pub rows: Vec<Vec<Value>>,
+}
+
+/// Counters of the store, for metrics.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) commits_total: AtomicU64,
+    pub(crate) local_versions_total: AtomicU64,
+    pub(crate) applied_versions_total: AtomicU64,
+    pub(crate) duplicates_total: AtomicU64,
+    pub(crate) rejected_total: AtomicU64,
+    pub(crate) buffered_chunks_total: AtomicU64,
+    pub(crate) parked_total: AtomicU64,
+    pub(crate) merged_changes_total: AtomicU64,
+    pub(crate) far_future_total: AtomicU64,
+}
+
+/// A snapshot of the store's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Group commits.
+    pub commits_total: u64,
+    /// Local versions committed.
+    pub local_versions_total: u64,
+    /// Remote versions applied.
+    pub applied_versions_total: u64,
+    /// Remote changesets that were already held.
+    pub duplicates_total: u64,
+    /// Remote changesets refused as malformed.
+    pub rejected_total: u64,
+    /// Chunks buffered as parts of incomplete versions.
+    pub buffered_chunks_total: u64,
+    /// Changes parked for an unknown table or column.
+    pub parked_total: u64,
+    /// Remote changes merged.
+    pub merged_changes_total: u64,
+    /// Remote timestamps far ahead of our wall clock (applied anyway).
+    pub far_future_total: u64,
+}
+
+/// The tables of the current schema, shared by the writer and the readers.
+#[derive(Debug)]
+pub(crate) struct Catalog {
+    pub(crate) schema: Schema,
+    pub(crate) by_name: HashMap<String, Arc<Table>>,
+    pub(crate) by_tid: HashMap<i64, Arc<Table>>,
+}
+
+impl Catalog {
+    fn new(schema: Schema, tids: &HashMap<String, i64>) -> Catalog {
+        let mut by_name = HashMap::new();
+        let mut by_tid = HashMap::new();
+        for def in schema.tables() {
+            let Some(&tid) = tids.get(def.name()) else {
+                continue;
+            };
+            let table = Arc::new(Table::new(tid, def.clone()));
+            by_name.insert(def.name().to_owned(), Arc::clone(&table));
+            by_tid.insert(tid, table);
+        }
+        Catalog {
+            schema,
+            by_name,
+            by_tid,
+        }
+    }
+}
+
+/// State shared between the store handle and the writer thread.
+pub(crate) struct Shared {
+    pub(crate) site: SiteId,
+    pub(crate) ord: Ord,
+    pub(crate) options: StoreOptions,
+    pub(crate) catalog: RwLock<Arc<Catalog>>,
+    pub(crate) books: RwLock<Books>,
+    pub(crate) stats: Stats,
+    pub(crate) events: broadcast::Sender<Arc<CommitEvent>>,
+}
+
+/// A replicated SQLite store. Cheap to clone; the writer stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    requests: Option<mpsc::Sender<Request>>,
+    readers: Readers,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    path: PathBuf,
+    fresh: Option<FreshReason>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish what is queued and shut down cleanly.
+        self.requests.take();
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("store writer thread panicked");
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Opens or creates the store at `path`.
+    pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
+        let path = path.as_ref().to_owned();
+        let mut conn = Connection::open(&path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(512);
+        let synchronous = match options.durability {
+            Durability::Normal => "NORMAL",
+            Durability::Full => "FULL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA foreign_keys = OFF;
+             PRAGMA recursive_triggers = OFF;
+             PRAGMA temp_store = MEMORY;
+             PRAGMA cache_size = -{};",
+            options.writer_cache_kib
+        ))?;
+        let capture = Arc::new(Capture::default());
+        capture.register(&conn)?;
+        let user_mode = Arc::new(AtomicBool::new(false));
+        let denied = Arc::new(Mutex::new(None));
+        writer::install_authorizer(&mut conn, Arc::clone(&user_mode), Arc::clone(&denied))?;
+
+        // The identity is chosen and the running marker written durably (FULL) before any version.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let opened = (|| -> Result<_> {
+            conn.execute_batch(meta::BOOTSTRAP)?;
+            let boot_id = options.boot_id.clone().or_else(meta::kernel_boot_id);
+            meta::open_identity(&conn, boot_id.as_deref())
+        })();
+        let identity = match opened {
+            Ok(identity) => {
+                conn.execute_batch("COMMIT")?;
+                identity
+            }
+            Err(err) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(err);
+            }
+        };
+        conn.execute_batch(&format!("PRAGMA synchronous = {synchronous};"))?;
+        if let Some(reason) = identity.fresh {
+            tracing::info!(site = %identity.site, ?reason, "store writes under a new site id");
+        }
+
+        let catalog = Arc::new(load_catalog(&conn)?);
+        check_foreign_triggers(&conn, &catalog)?;
+        let books = Books::load(&conn)?;
+        let last: i64 = meta::get(&conn, "hlc")?.unwrap_or(0);
+        let clock = hlc::Clock::new(Timestamp::from_sql(last), options.clock_drift_max_ms);
+        capture.set_tables(catalog.by_tid.clone());
+
+        let (events, _) = broadcast::channel(options.events_capacity.max(1));
+        let shared = Arc::new(Shared {
+            site: identity.site,
+            ord: identity.ord,
+            catalog: RwLock::new(Arc::clone(&catalog)),
+            books: RwLock::new(books.clone()),
+            stats: Stats::default(),
+            events,
+            options: options.clone(),
+        });
+        let (requests, queue) = mpsc::channel(options.queue_len.max(1));
+        let writer = Writer {
+            conn,
+            capture,
+            shared: Arc::clone(&shared),
+            books,
+            clock,
+            catalog,
+            user_mode,
+            denied,
+        };
+        let handle = std::thread::Builder::new()
+            .name("strata-store-writer".into())
+            .spawn(move || writer.run(queue))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                readers: Readers::new(&path, options.readers, options.reader_cache_kib),
+                shared,
+                requests: Some(requests),
+                writer: Mutex::new(Some(handle)),
+                path,
+                fresh: identity.fresh,
+            }),
+        })
+    }
+
+    /// This store's site id (the identity its local writes carry).
+    pub fn site(&self) -> SiteId {
+        self.inner.shared.site
+    }
+
+    /// Why this run writes under a new site id, if it does.
+    pub fn fresh_site(&self) -> Option<FreshReason> {
+        self.inner.fresh
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The settings the store was opened with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.shared.options
+    }
+
+    /// The current schema.
+    pub fn schema(&self) -> Schema {
+        self.catalog().schema.clone()
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        Arc::clone(
+            &self
+                .inner
+                .shared
+                .catalog
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    fn sender(&self) -> Result<&mpsc::Sender<Request>> {
+        self.inner.requests.as_ref().ok_or(StoreError::Closed)
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
+    ) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.sender()?
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn request_blocking<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
+    ) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.sender()?
+            .blocking_send(make(reply))
+            .map_err(|_| StoreError::Closed)?;
+        answer.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs statements as one transaction. Waits while the writer's queue is full.
+    pub async fn transact(&self, statements: Vec<Statement>) -> Result<Committed> {
+        self.request(|reply| Request::Transact { statements, reply })
+            .await
+    }
+
+    /// [`Store::transact`] for synchronous callers (not from inside an async runtime).
+    pub fn transact_blocking(&self, statements: Vec<Statement>) -> Result<Committed> {
+        self.request_blocking(|reply| Request::Transact { statements, reply })
+    }
+
+    /// Applies remote changesets (idempotent, any order).
+    pub async fn apply(&self, changesets: Vec<Changeset>) -> Result<Applied> {
+        self.request(|reply| Request::Apply { changesets, reply })
+            .await
+    }
+
+    /// [`Store::apply`] for synchronous callers.
+    pub fn apply_blocking(&self, changesets: Vec<Changeset>) -> Result<Applied> {
+        self.request_blocking(|reply| Request::Apply { changesets, reply })
+    }
+
+    /// Moves the store to `schema`: additive changes are applied (recording no versions),
+    /// anything else is refused and nothing changes.
+    pub async fn migrate(&self, schema: Schema) -> Result<MigrationReport> {
+        self.request(|reply| Request::Migrate {
+            schema: Box::new(schema),
+            reply,
+        })
+        .await
+    }
+
+    /// [`Store::migrate`] for synchronous callers.
+    pub fn migrate_blocking(&self, schema: Schema) -> Result<MigrationReport> {
+        self.request_blocking(|reply| Request::Migrate {
+            schema: Box::new(schema),
+            reply,
+        })
+    }
+
+    /// Runs a read-only query on a reader connection.
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
+        let rows_max = self.inner.shared.options.query_rows_max;
+        self.read(|conn| {
+            let mut stmt = conn.prepare(sql).map_err(|err| StoreError::BadStatement {
+                index: 0,
+                message: err.to_string(),
+            })?;
+            if !stmt.readonly() {
+                return Err(StoreError::NotReadOnly(sql.chars().take(80).collect()));
+            }
+            let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+            let width = columns.len();
+            let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                if out.len() == rows_max {
+                    return Err(StoreError::TooLarge {
+                        what: "query rows",
+                        size: rows_max + 1,
+                        limit: rows_max,
+                    });
+                }
+                out.push(
+                    (0..width)
+                        .map(|i| row.get(i))
+                        .collect::<rusqlite::Result<Vec<Value>>>()?,
+                );
+            }
+            Ok(Rows { columns, rows: out })
+        })
+    }
+
+    /// Runs `f` with a read-only connection (for streaming reads).
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        self.inner.readers.with(f)
+    }
+
+    /// The bookkeeping of every known site, for sync.
+    pub fn bookkeeping(&self) -> Vec<SiteState> {
+        self.books().states()
+    }
+
+    /// The bookkeeping of one site.
+    pub fn site_state(&self, site: SiteId) -> Option<SiteState> {
+        let books = self.books();
+        let ord = *books.ords.get(&site)?;
+        let book = books.sites.get(&ord)?;
+        Some(SiteState {
+            site,
+            head: book.head,
+            gaps: book.gaps.iter().cloned().collect(),
+            partials: book.partials.keys().copied().collect(),
+        })
+    }
+
+    /// Whether version `version` of `site` is held completely.
+    pub fn has(&self, site: SiteId, version: u64) -> bool {
+        let books = self.books();
+        books
+            .ords
+            .get(&site)
+            .and_then(|ord| books.sites.get(ord))
+            .is_some_and(|b| b.has(version))
+    }
+
+    /// This site's latest version (0 before the first write).
+    pub fn head(&self) -> u64 {
+        let books = self.books();
+        books
+            .sites
+            .get(&self.inner.shared.ord)
+            .map_or(0, |b| b.head)
+    }
+
+    fn books(&self) -> std::sync::RwLockReadGuard<'_, Books> {
+        self.inner
+            .shared
+            .books
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads the versions of `site` in `versions` that this store holds, as chunked changesets in
+    /// ascending version order. Versions with nothing left are served empty.
+    pub fn changes(&self, site: SiteId, versions: RangeInclusive<u64>) -> Result<Vec<Changeset>> {
+        let Some(state) = self.site_state(site) else {
+            return Ok(Vec::new());
+        };
+        let ord = self
+            .books()
+            .ords
+            .get(&site)
+            .copied()
+            .ok_or(StoreError::Closed)?;
+        let catalog = self.catalog();
+        let chunk_bytes = self.inner.shared.options.chunk_bytes;
+        self.read(|conn| {
+            conn.execute_batch("BEGIN")?;
+            let result = extract::versions(
+                conn,
+                &catalog.by_name,
+                ord,
+                site,
+                &state,
+                versions,
+                chunk_bytes,
+            );
+            conn.execute_batch("COMMIT")?;
+            result
+        })
+    }
+
+    /// Commit events from now on. A receiver that falls `events_capacity` behind is told it lagged.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<CommitEvent>> {
+        self.inner.shared.events.subscribe()
+    }
+
+    /// The store's counters.
+    pub fn stats(&self) -> StoreStats {
+        let s = &self.inner.shared.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StoreStats {
+            commits_total: get(&s.commits_total),
+            local_versions_total: get(&s.local_versions_total),
+            applied_versions_total: get(&s.applied_versions_total),
+            duplicates_total: get(&s.duplicates_total),
+            rejected_total: get(&s.rejected_total),
+            buffered_chunks_total: get(&s.buffered_chunks_total),
+            parked_total: get(&s.parked_total),
+            merged_changes_total: get(&s.merged_changes_total),
+            far_future_total: get(&s.far_future_total),
+        }
+    }
+}
+
+/// Reads the registry of replicated tables and indexes.
+fn load_catalog(conn: &Connection) -> Result<Catalog> {
+    let mut sql = String::new();
+    let mut tids = HashMap::new();
+    let mut stmt = conn.prepare("SELECT name, tid, ddl FROM __strata_tables ORDER BY tid")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let name: String = row.get(0)?;
+        tids.insert(name, row.get::<_, i64>(1)?);
+        sql.push_str(&row.get::<_, String>(2)?);
+        sql.push_str(";\n");
+    }
+    let mut stmt = conn.prepare("SELECT ddl FROM __strata_indexes ORDER BY name")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        sql.push_str(&row.get::<_, String>(0)?);
+        sql.push_str(";\n");
+    }
+    let schema = if sql.is_empty() {
+        Schema::default()
+    } else {
+        Schema::parse(&sql)?
+    };
+    Ok(Catalog::new(schema, &tids))
+}
+
+/// Refuses to run over triggers someone added to a replicated table behind the store's back:
+/// they would run again on every node that applies the change.
+fn check_foreign_triggers(conn: &Connection, catalog: &Catalog) -> Result<()> {
+    let mut stmt = conn.prepare(
+        "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'
+         AND substr(name, 1, 9) <> '__strata_'",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let (name, table): (String, String) = (row.get(0)?, row.get(1)?);
+        if catalog.by_name.contains_key(&table) {
+            return Err(StoreError::SchemaRefused(SchemaRefusal {
+                table,
+                column: None,
+                reason: Refusal::Sqlite(format!(
+                    "trigger \"{name}\" was added outside the store; drop it"
+                )),
+            }));
+        }
+    }
+    Ok(())
+}

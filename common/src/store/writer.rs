@@ -1,0 +1,877 @@
+//! The writer: one thread that owns the writer connection and commits in groups.
+//!
+//! Requests (local transactions, remote changesets, schema changes) arrive on a bounded queue.
+//! The writer takes whatever is queued (up to a bound), runs each request inside its own
+//! savepoint of one SQLite transaction, and commits once: under load many requests share one
+//! commit, and one failing request rolls back alone. Replies and the commit event go out only
+//! after the commit, and the bookkeeping cache is replaced only then, so nothing ever reports a
+//! version the database does not hold.
+//!
+//! Order of work in a group: requests in arrival order; then the heads and the clock are saved;
+//! then COMMIT; then the caches are published, replies sent, and the commit event broadcast.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::{Connection, ErrorCode, params_from_iter};
+use sqlparser::dialect::SQLiteDialect;
+use sqlparser::keywords::Keyword;
+use sqlparser::tokenizer::{Token, Tokenizer};
+use tokio::sync::{mpsc, oneshot};
+
+use super::apply::{self, Merged, Origin};
+use super::book::{Books, Ord, Partial, SiteBook};
+use super::capture::{Capture, CaptureError};
+use super::change::Changeset;
+use super::error::{Result, StoreError};
+use super::hlc::{self, Clock, Observed};
+use super::local::Recorder;
+use super::meta;
+use super::schema::{self, INTERNAL_PREFIX, Schema};
+use super::{
+    Applied, Catalog, CommitEvent, Committed, MigrationReport, Rejected, Shared, Statement,
+};
+
+/// Requests a group commit takes at most; bounds the work (and latency) of one commit.
+const GROUP_REQUESTS_MAX: usize = 256;
+
+/// A request to the writer.
+pub(crate) enum Request {
+    Transact {
+        statements: Vec<Statement>,
+        reply: oneshot::Sender<Result<Committed>>,
+    },
+    Apply {
+        changesets: Vec<Changeset>,
+        reply: oneshot::Sender<Result<Applied>>,
+    },
+    Migrate {
+        schema: Box<Schema>,
+        reply: oneshot::Sender<Result<MigrationReport>>,
+    },
+}
+
+/// The writer's state; lives on the writer thread.
+pub(crate) struct Writer {
+    pub(crate) conn: Connection,
+    pub(crate) capture: Arc<Capture>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) books: Books,
+    pub(crate) clock: Clock,
+    pub(crate) catalog: Arc<Catalog>,
+    /// Set while user statements run, so the authorizer applies the user rules.
+    pub(crate) user_mode: Arc<AtomicBool>,
+    /// Why the authorizer last denied something.
+    pub(crate) denied: Arc<Mutex<Option<String>>>,
+}
+
+/// Outcome of one request inside a group, sent after the commit.
+enum Done {
+    Transact(oneshot::Sender<Result<Committed>>, Result<Committed>),
+    Apply(oneshot::Sender<Result<Applied>>, Result<Applied>),
+}
+
+impl Writer {
+    /// Serves requests until every sender is gone, then shuts down cleanly.
+    pub(crate) fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        while let Some(first) = requests.blocking_recv() {
+            let mut group = vec![first];
+            while group.len() < GROUP_REQUESTS_MAX {
+                match requests.try_recv() {
+                    Ok(request) => group.push(request),
+                    Err(_) => break,
+                }
+            }
+            let mut pending = Vec::new();
+            for request in group {
+                match request {
+                    Request::Migrate { schema, reply } => {
+                        // A schema change commits alone, after what was queued before it.
+                        self.commit_group(std::mem::take(&mut pending));
+                        let result = self.migrate(*schema);
+                        let _ = reply.send(result);
+                    }
+                    other => pending.push(other),
+                }
+            }
+            self.commit_group(pending);
+        }
+        if let Err(err) = self.shutdown() {
+            tracing::error!(error = %err, "store did not shut down cleanly");
+        }
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        self.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        self.conn.execute_batch("PRAGMA synchronous = FULL;")?;
+        meta::set(&self.conn, "clean", &1)?;
+        Ok(())
+    }
+
+    fn commit_group(&mut self, group: Vec<Request>) {
+        if group.is_empty() {
+            return;
+        }
+        let wall_ms = hlc::wall_clock_ms();
+        if let Err(err) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            self.fail_group(group, &err.into());
+            return;
+        }
+        let mut done = Vec::with_capacity(group.len());
+        let mut event = CommitEvent::default();
+        let mut touched: HashSet<Ord> = HashSet::new();
+        for request in group {
+            match request {
+                Request::Transact { statements, reply } => {
+                    let result = self.transact(&statements, wall_ms);
+                    if let Ok(committed) = &result {
+                        if let Some(changeset) = &committed.changeset {
+                            touched.insert(self.shared.ord);
+                            event.local.push(changeset.clone());
+                            for change in &changeset.changes {
+                                event
+                                    .changed
+                                    .push((change.table.clone(), change.pk.clone()));
+                            }
+                        }
+                    }
+                    done.push(Done::Transact(reply, result));
+                }
+                Request::Apply { changesets, reply } => {
+                    let applied = self.apply(changesets, wall_ms, &mut touched, &mut event);
+                    done.push(Done::Apply(reply, Ok(applied)));
+                }
+                Request::Migrate { .. } => unreachable!("migrations are split off before"),
+            }
+        }
+        let finished = self.finish_group(&touched);
+        match finished {
+            Ok(()) => {
+                self.publish();
+                for item in done {
+                    match item {
+                        Done::Transact(reply, result) => {
+                            let _ = reply.send(result);
+                        }
+                        Done::Apply(reply, result) => {
+                            let _ = reply.send(result);
+                        }
+                    }
+                }
+                event.changed.sort();
+                event.changed.dedup();
+                if !event.local.is_empty() || !event.changed.is_empty() || !event.applied.is_empty()
+                {
+                    // No receiver is fine; a lagging one learns it lagged and recovers.
+                    let _ = self.shared.events.send(Arc::new(event));
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "group commit failed; rolled back");
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.reload();
+                for item in done {
+                    let message = format!("commit failed: {err}");
+                    match item {
+                        Done::Transact(reply, _) => {
+                            let _ = reply.send(Err(StoreError::Corrupt(message)));
+                        }
+                        Done::Apply(reply, _) => {
+                            let _ = reply.send(Err(StoreError::Corrupt(message)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_group(&mut self, touched: &HashSet<Ord>) -> Result<()> {
+        for ord in touched {
+            if let Some(book) = self.books.sites.get(ord) {
+                book.save_head(&self.conn, *ord)?;
+            }
+        }
+        meta::set(&self.conn, "hlc", &self.clock.last().as_sql())?;
+        self.conn.execute_batch("COMMIT")?;
+        self.shared
+            .stats
+            .commits_total
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn fail_group(&mut self, group: Vec<Request>, err: &StoreError) {
+        for request in group {
+            let err = StoreError::Corrupt(format!("could not begin a transaction: {err}"));
+            match request {
+                Request::Transact { reply, .. } => {
+                    let _ = reply.send(Err(err));
+                }
+                Request::Apply { reply, .. } => {
+                    let _ = reply.send(Err(err));
+                }
+                Request::Migrate { reply, .. } => {
+                    let _ = reply.send(Err(err));
+                }
+            }
+        }
+    }
+
+    /// Publishes the bookkeeping cache after a commit.
+    fn publish(&self) {
+        let mut shared = self
+            .shared
+            .books
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        shared.clone_from(&self.books);
+    }
+
+    /// Reloads the bookkeeping from the database after a failed commit.
+    fn reload(&mut self) {
+        match Books::load(&self.conn) {
+            Ok(books) => self.books = books,
+            Err(err) => tracing::error!(error = %err, "could not reload bookkeeping"),
+        }
+    }
+
+    fn savepoint<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("SAVEPOINT item")?;
+        match f(self) {
+            Ok(value) => {
+                self.conn.execute_batch("RELEASE item")?;
+                Ok(value)
+            }
+            Err(err) => {
+                self.conn.execute_batch("ROLLBACK TO item; RELEASE item")?;
+                Err(err)
+            }
+        }
+    }
+
+    // ---- local transactions ----
+
+    fn transact(&mut self, statements: &[Statement], wall_ms: u64) -> Result<Committed> {
+        let limits = &self.shared.options;
+        if statements.len() > limits.statements_max {
+            return Err(StoreError::TooLarge {
+                what: "statement count",
+                size: statements.len(),
+                limit: limits.statements_max,
+            });
+        }
+        let ord = self.shared.ord;
+        let head = self.books.sites.get(&ord).map_or(0, |b| b.head);
+        let ts = self.clock.tick(wall_ms);
+        let version = head + 1;
+        let result = self.savepoint(|w| w.run_statements(statements, version, ts));
+        self.capture.set_capturing(false);
+        self.user_mode.store(false, Ordering::Relaxed);
+        let (rows_affected, recorder) = result?;
+        let Some(changeset) = recorder.finish() else {
+            return Ok(Committed {
+                version: None,
+                ts,
+                rows_affected,
+                changeset: None,
+            });
+        };
+        let book = self.books.sites.entry(ord).or_default();
+        book.head = version;
+        self.shared
+            .stats
+            .local_versions_total
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Committed {
+            version: Some(version),
+            ts,
+            rows_affected,
+            changeset: Some(changeset),
+        })
+    }
+
+    fn run_statements(
+        &mut self,
+        statements: &[Statement],
+        version: u64,
+        ts: hlc::Timestamp,
+    ) -> Result<(Vec<usize>, Recorder)> {
+        let mut recorder = Recorder::new(self.shared.site, self.shared.ord, version, ts);
+        let mut rows_affected = Vec::with_capacity(statements.len());
+        self.capture.begin(self.shared.options.cells_max);
+        for (index, statement) in statements.iter().enumerate() {
+            check_statement(index, statement, self.shared.options.sql_bytes_max)?;
+            self.capture.set_capturing(true);
+            self.user_mode.store(true, Ordering::Relaxed);
+            let result = self.execute(statement);
+            self.user_mode.store(false, Ordering::Relaxed);
+            self.capture.set_capturing(false);
+            let affected = result.map_err(|err| self.classify(index, err))?;
+            rows_affected.push(affected);
+            recorder.record(&self.conn, self.capture.take(), index)?;
+        }
+        Ok((rows_affected, recorder))
+    }
+
+    fn execute(&self, statement: &Statement) -> rusqlite::Result<usize> {
+        let mut stmt = self.conn.prepare_cached(&statement.sql)?;
+        stmt.execute(params_from_iter(statement.params.iter()))
+    }
+
+    /// Turns a SQLite error from a user statement into the precise store error.
+    fn classify(&self, index: usize, err: rusqlite::Error) -> StoreError {
+        if let Some(captured) = self.capture.take_error() {
+            return match captured {
+                CaptureError::TooManyCells { limit } => StoreError::TooLarge {
+                    what: "cells changed by one transaction",
+                    size: limit + 1,
+                    limit,
+                },
+                CaptureError::KeyUpdate { .. } => StoreError::Refused {
+                    index,
+                    reason: captured.to_string(),
+                },
+                CaptureError::Key { .. } => StoreError::Constraint {
+                    index,
+                    message: captured.to_string(),
+                },
+                other => StoreError::Corrupt(other.to_string()),
+            };
+        }
+        let denied = self
+            .denied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match err {
+            rusqlite::Error::SqliteFailure(code, message) => {
+                let message = message.unwrap_or_else(|| code.to_string());
+                match code.code {
+                    ErrorCode::AuthorizationForStatementDenied => StoreError::Refused {
+                        index,
+                        reason: denied.unwrap_or(message),
+                    },
+                    ErrorCode::ConstraintViolation => StoreError::Constraint { index, message },
+                    ErrorCode::Unknown
+                    | ErrorCode::ApiMisuse
+                    | ErrorCode::TypeMismatch
+                    | ErrorCode::TooBig
+                    | ErrorCode::ParameterOutOfRange => {
+                        match message.strip_prefix("no such table: ") {
+                            Some(table) => StoreError::UnknownTable {
+                                index,
+                                table: table.to_owned(),
+                            },
+                            None => StoreError::BadStatement { index, message },
+                        }
+                    }
+                    _ => StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, Some(message))),
+                }
+            }
+            rusqlite::Error::ExecuteReturnedResults => StoreError::BadStatement {
+                index,
+                message: "statement returns rows; use a query for reads".into(),
+            },
+            rusqlite::Error::MultipleStatement => StoreError::BadStatement {
+                index,
+                message: "one statement per entry; split the SQL".into(),
+            },
+            rusqlite::Error::InvalidParameterCount(got, expected) => StoreError::BadStatement {
+                index,
+                message: format!("statement takes {expected} parameters, {got} given"),
+            },
+            rusqlite::Error::SqlInputError {
+                msg, sql, offset, ..
+            } => StoreError::BadStatement {
+                index,
+                message: format!("{msg} at offset {offset} in {sql:?}"),
+            },
+            other => StoreError::BadStatement {
+                index,
+                message: other.to_string(),
+            },
+        }
+    }
+
+    // ---- remote changes ----
+
+    fn apply(
+        &mut self,
+        changesets: Vec<Changeset>,
+        wall_ms: u64,
+        touched: &mut HashSet<Ord>,
+        event: &mut CommitEvent,
+    ) -> Applied {
+        let mut applied = Applied::default();
+        for changeset in changesets {
+            let site = changeset.site;
+            let version = changeset.version;
+            match self.apply_one(changeset, wall_ms, touched, event) {
+                Ok(Outcome::Applied { changed }) => {
+                    applied.versions.push((site, version));
+                    applied.rows_changed += changed;
+                    event.applied.push((site, version));
+                }
+                Ok(Outcome::Buffered) => applied.buffered += 1,
+                Ok(Outcome::Duplicate) => applied.duplicates += 1,
+                Err(err) => {
+                    tracing::warn!(%site, version, error = %err, "rejected a changeset");
+                    self.shared
+                        .stats
+                        .rejected_total
+                        .fetch_add(1, Ordering::Relaxed);
+                    applied.rejected.push(Rejected {
+                        site,
+                        version,
+                        reason: err.to_string(),
+                    });
+                }
+            }
+        }
+        let stats = &self.shared.stats;
+        stats
+            .applied_versions_total
+            .fetch_add(applied.versions.len() as u64, Ordering::Relaxed);
+        stats
+            .duplicates_total
+            .fetch_add(applied.duplicates as u64, Ordering::Relaxed);
+        applied
+    }
+
+    fn apply_one(
+        &mut self,
+        changeset: Changeset,
+        wall_ms: u64,
+        touched: &mut HashSet<Ord>,
+        event: &mut CommitEvent,
+    ) -> Result<Outcome> {
+        changeset.validate()?;
+        if changeset.site == self.shared.site {
+            // Never take content for our own site from elsewhere: we wrote it, or it never was.
+            let head = self.books.sites.get(&self.shared.ord).map_or(0, |b| b.head);
+            return if changeset.version <= head {
+                Ok(Outcome::Duplicate)
+            } else {
+                Err(StoreError::Malformed(format!(
+                    "version {} of our own site is beyond our head {head}",
+                    changeset.version
+                )))
+            };
+        }
+        if self.clock.observe(changeset.ts, wall_ms) == Observed::FarFuture {
+            self.shared
+                .stats
+                .far_future_total
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // Registering a site is outside the savepoint: a rolled-back item must not leave the
+        // in-memory registry ahead of the database.
+        let ord = self.books.ord_of(&self.conn, changeset.site)?;
+        let saved: SiteBook = self.books.sites.get(&ord).cloned().unwrap_or_default();
+        if saved.has(changeset.version) {
+            return Ok(Outcome::Duplicate);
+        }
+        let result = self.savepoint(|w| w.apply_in_savepoint(ord, changeset, wall_ms, event));
+        match result {
+            Ok(outcome) => {
+                touched.insert(ord);
+                Ok(outcome)
+            }
+            Err(err) => {
+                self.books.sites.insert(ord, saved);
+                Err(err)
+            }
+        }
+    }
+
+    fn apply_in_savepoint(
+        &mut self,
+        ord: Ord,
+        changeset: Changeset,
+        wall_ms: u64,
+        event: &mut CommitEvent,
+    ) -> Result<Outcome> {
+        let version = changeset.version;
+        let has_partial = self
+            .books
+            .sites
+            .get(&ord)
+            .is_some_and(|b| b.partials.contains_key(&version));
+        let origin = Origin {
+            ord,
+            version,
+            ts: changeset.ts,
+        };
+        if changeset.is_complete() && !has_partial {
+            let changed = self.merge_all(origin, &changeset.changes, event)?;
+            let book = self.books.sites.entry(ord).or_default();
+            book.mark(&self.conn, ord, version)?;
+            return Ok(Outcome::Applied { changed });
+        }
+        // Part of a version: buffer it until every seq is covered.
+        let book = self.books.sites.entry(ord).or_default();
+        let partial = book.partials.entry(version).or_insert_with(|| Partial {
+            ts: changeset.ts,
+            last_seq: changeset.last_seq,
+            have: Default::default(),
+            since_ms: wall_ms,
+        });
+        partial.last_seq = partial.last_seq.min(changeset.last_seq);
+        if partial.have.gaps(&changeset.seqs()).next().is_none() {
+            return Ok(Outcome::Duplicate);
+        }
+        partial.have.insert(changeset.seqs());
+        let complete = partial.is_complete();
+        let mut buffer = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO __strata_buffered (ord, version, seq, tbl, pk, col, val, cl)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for change in &changeset.changes {
+            buffer.execute(rusqlite::params![
+                ord,
+                super::book::to_sql(version),
+                change.seq,
+                change.table,
+                change.pk,
+                change.column.as_deref().unwrap_or(super::table::ROW_EVENT),
+                change.value,
+                super::book::to_sql(change.cl),
+            ])?;
+        }
+        drop(buffer);
+        if !complete {
+            book.save_partial(&self.conn, ord, version)?;
+            self.shared
+                .stats
+                .buffered_chunks_total
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Outcome::Buffered);
+        }
+        let changes = buffered_changes(&self.conn, ord, version)?;
+        let changed = self.merge_all(origin, &changes, event)?;
+        let book = self.books.sites.entry(ord).or_default();
+        book.drop_partial(&self.conn, ord, version)?;
+        book.mark(&self.conn, ord, version)?;
+        Ok(Outcome::Applied { changed })
+    }
+
+    fn merge_all(
+        &mut self,
+        origin: Origin,
+        changes: &[super::change::Change],
+        event: &mut CommitEvent,
+    ) -> Result<usize> {
+        let mut changed = 0;
+        for change in changes {
+            match apply::merge(
+                &self.conn,
+                &self.catalog.by_name,
+                &self.books,
+                origin,
+                change,
+            )? {
+                Merged::Changed => {
+                    changed += 1;
+                    event
+                        .changed
+                        .push((change.table.clone(), change.pk.clone()));
+                }
+                Merged::Parked => {
+                    self.shared
+                        .stats
+                        .parked_total
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Merged::Unchanged => {}
+            }
+        }
+        self.shared
+            .stats
+            .merged_changes_total
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        Ok(changed)
+    }
+
+    // ---- schema ----
+
+    fn migrate(&mut self, desired: Schema) -> Result<MigrationReport> {
+        let plan =
+            schema::plan(&self.catalog.schema, &desired).map_err(StoreError::SchemaRefused)?;
+        if plan.is_empty() {
+            return Ok(MigrationReport::default());
+        }
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match self.migrate_in_transaction(&desired, &plan) {
+            Ok((report, catalog)) => {
+                if let Err(err) = self.conn.execute_batch("COMMIT") {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    self.reload();
+                    return Err(err.into());
+                }
+                self.install(catalog);
+                self.publish();
+                Ok(report)
+            }
+            Err(err) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.reload();
+                Err(err)
+            }
+        }
+    }
+
+    fn migrate_in_transaction(
+        &mut self,
+        desired: &Schema,
+        plan: &schema::Plan,
+    ) -> Result<(MigrationReport, Arc<Catalog>)> {
+        let refused = |table: &str, column: Option<&str>, err: rusqlite::Error| {
+            StoreError::SchemaRefused(schema::SchemaRefusal {
+                table: table.to_owned(),
+                column: column.map(str::to_owned),
+                reason: schema::Refusal::Sqlite(err.to_string()),
+            })
+        };
+        let mut report = MigrationReport::default();
+        let mut tids: HashMap<String, i64> = self
+            .catalog
+            .by_name
+            .iter()
+            .map(|(name, t)| (name.clone(), t.tid))
+            .collect();
+        let mut next_tid = tids.values().copied().max().unwrap_or(0) + 1;
+        for table in &plan.new_tables {
+            self.conn
+                .execute_batch(table.ddl())
+                .map_err(|err| refused(table.name(), None, err))?;
+            tids.insert(table.name().to_owned(), next_tid);
+            next_tid += 1;
+            report.tables_created.push(table.name().to_owned());
+        }
+        for (table, column) in &plan.new_columns {
+            self.conn
+                .execute_batch(&format!(
+                    "ALTER TABLE {} ADD COLUMN {}",
+                    schema::quote(table),
+                    column.definition()
+                ))
+                .map_err(|err| refused(table, Some(column.name()), err))?;
+            report
+                .columns_added
+                .push(format!("{table}.{}", column.name()));
+        }
+        for index in &plan.drop_indexes {
+            self.conn
+                .execute_batch(&format!("DROP INDEX IF EXISTS {}", schema::quote(index)))?;
+            self.conn
+                .execute("DELETE FROM __strata_indexes WHERE name = ?1", [index])?;
+            report.indexes_dropped.push(index.clone());
+        }
+        for index in &plan.create_indexes {
+            self.conn
+                .execute_batch(index.ddl())
+                .map_err(|err| refused(index.table(), None, err))?;
+            self.conn.execute(
+                "INSERT INTO __strata_indexes (name, tbl, ddl) VALUES (?1, ?2, ?3)",
+                [index.name(), index.table(), index.ddl()],
+            )?;
+            report.indexes_created.push(index.name().to_owned());
+        }
+        let changed: HashSet<&str> = plan
+            .new_tables
+            .iter()
+            .map(|t| t.name())
+            .chain(plan.new_columns.iter().map(|(t, _)| t.as_str()))
+            .collect();
+        let catalog = Arc::new(Catalog::new(desired.clone(), &tids));
+        for name in &changed {
+            let table = catalog.by_name.get(*name).ok_or_else(|| {
+                StoreError::Corrupt(format!("migrated table {name} is not in the catalog"))
+            })?;
+            self.conn.execute_batch(&table.metadata_ddl())?;
+            self.conn.execute_batch(&table.trigger_ddl())?;
+            self.conn.execute(
+                "INSERT INTO __strata_tables (name, tid, ddl) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET ddl = excluded.ddl",
+                rusqlite::params![table.name(), table.tid, table.def.ddl()],
+            )?;
+        }
+        let version: i64 = meta::get(&self.conn, "schema_version")?.unwrap_or(0);
+        meta::set(&self.conn, "schema_version", &(version + 1))?;
+        // Changes parked for what now exists are merged by the usual rules.
+        for name in changed {
+            for parked in apply::parked_for(&self.conn, name)? {
+                let known = match &parked.change.column {
+                    None => true,
+                    Some(column) => catalog
+                        .by_name
+                        .get(name)
+                        .is_some_and(|t| t.tracked_position(column).is_some()),
+                };
+                if known {
+                    apply::merge(
+                        &self.conn,
+                        &catalog.by_name,
+                        &self.books,
+                        parked.origin,
+                        &parked.change,
+                    )?;
+                    apply::unpark(&self.conn, &parked)?;
+                    report.parked_merged += 1;
+                }
+            }
+        }
+        Ok((report, catalog))
+    }
+
+    /// Makes a catalog current for the writer, the capture functions and the readers.
+    pub(crate) fn install(&mut self, catalog: Arc<Catalog>) {
+        self.capture.set_tables(catalog.by_tid.clone());
+        *self
+            .shared
+            .catalog
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&catalog);
+        self.catalog = catalog;
+    }
+}
+
+/// What applying one changeset did.
+enum Outcome {
+    Applied { changed: usize },
+    Buffered,
+    Duplicate,
+}
+
+fn buffered_changes(
+    conn: &Connection,
+    ord: Ord,
+    version: u64,
+) -> Result<Vec<super::change::Change>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, tbl, pk, col, val, cl FROM __strata_buffered
+         WHERE ord = ?1 AND version = ?2 ORDER BY seq",
+    )?;
+    let rows = stmt.query_map(
+        rusqlite::params![ord, super::book::to_sql(version)],
+        |row| {
+            let col: String = row.get(3)?;
+            Ok(super::change::Change {
+                table: row.get(1)?,
+                pk: row.get(2)?,
+                column: if col == super::table::ROW_EVENT {
+                    None
+                } else {
+                    Some(col)
+                },
+                value: row.get(4)?,
+                cl: super::book::from_sql(row.get(5)?),
+                seq: row.get(0)?,
+            })
+        },
+    )?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Refuses statement forms replication cannot allow, before SQLite sees them: `INSERT OR
+/// REPLACE`, `REPLACE INTO` and `UPDATE OR REPLACE` delete rows without telling the triggers.
+fn check_statement(index: usize, statement: &Statement, sql_bytes_max: usize) -> Result<()> {
+    if statement.sql.len() > sql_bytes_max {
+        return Err(StoreError::TooLarge {
+            what: "statement SQL in bytes",
+            size: statement.sql.len(),
+            limit: sql_bytes_max,
+        });
+    }
+    let tokens = Tokenizer::new(&SQLiteDialect {}, &statement.sql)
+        .tokenize()
+        .map_err(|err| StoreError::BadStatement {
+            index,
+            message: err.to_string(),
+        })?;
+    let words: Vec<&Token> = tokens
+        .iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .collect();
+    let keyword = |t: Option<&&Token>, k: Keyword| matches!(t, Some(Token::Word(w)) if w.keyword == k && w.quote_style.is_none());
+    for (i, token) in words.iter().enumerate() {
+        let replace_here = keyword(Some(token), Keyword::REPLACE);
+        if !replace_here {
+            continue;
+        }
+        let or_before = i > 0 && keyword(words.get(i - 1), Keyword::OR);
+        let call = matches!(words.get(i + 1), Some(Token::LParen));
+        let into_after = keyword(words.get(i + 1), Keyword::INTO);
+        if (or_before && !call) || into_after {
+            return Err(StoreError::Refused {
+                index,
+                reason: "INSERT OR REPLACE / REPLACE is refused on replicated tables: it deletes \
+                         rows behind replication's back. Use INSERT ... ON CONFLICT (key) DO \
+                         UPDATE SET ..."
+                    .into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Installs the authorizer that keeps user statements to plain reads and writes of replicated
+/// tables: no DDL, no pragmas, no transaction control, no writes to the store's own tables.
+pub(crate) fn install_authorizer(
+    conn: &mut Connection,
+    user_mode: Arc<AtomicBool>,
+    denied: Arc<Mutex<Option<String>>>,
+) -> rusqlite::Result<()> {
+    conn.authorizer(Some(move |ctx: AuthContext<'_>| {
+        if !user_mode.load(Ordering::Relaxed) {
+            return Authorization::Allow;
+        }
+        let reason = user_rule(&ctx);
+        match reason {
+            None => Authorization::Allow,
+            Some(reason) => {
+                *denied.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
+                Authorization::Deny
+            }
+        }
+    }))
+}
+
+fn is_internal(table: &str) -> bool {
+    let lower = table.to_ascii_lowercase();
+    lower.starts_with(INTERNAL_PREFIX) || lower.starts_with("sqlite_")
+}
+
+fn user_rule(ctx: &AuthContext<'_>) -> Option<String> {
+    let from_trigger = ctx.accessor.is_some_and(|a| a.starts_with(INTERNAL_PREFIX));
+    match ctx.action {
+        AuthAction::Insert { table_name }
+        | AuthAction::Update { table_name, .. }
+        | AuthAction::Delete { table_name } => {
+            (is_internal(table_name) && !from_trigger).then(|| {
+                format!("\"{table_name}\" belongs to the store and cannot be written directly")
+            })
+        }
+        AuthAction::Read { .. } | AuthAction::Select | AuthAction::Recursive => None,
+        AuthAction::Function { function_name } => (function_name.starts_with(INTERNAL_PREFIX)
+            && !from_trigger)
+            .then(|| format!("{function_name}() is internal to the store")),
+        AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } => {
+            Some("transaction control is not allowed: each request is one transaction".into())
+        }
+        AuthAction::Pragma { pragma_name, .. } => Some(format!(
+            "PRAGMA {pragma_name} is not allowed in a transaction"
+        )),
+        AuthAction::Attach { .. } | AuthAction::Detach { .. } => {
+            Some("ATTACH and DETACH are not allowed".into())
+        }
+        _ => Some(
+            "schema changes go through the schema files (CREATE TABLE / CREATE INDEX), not \
+             transactions"
+                .into(),
+        ),
+    }
+}

@@ -99,8 +99,28 @@ impl Clock {
     }
 }
 
+/// Where the store reads wall-clock time. Tests and simulations drive a manual clock.
+#[derive(Debug, Clone, Default)]
+pub enum WallClock {
+    /// The system clock.
+    #[default]
+    System,
+    /// Milliseconds since the Unix epoch, set by the owner of the cell.
+    Manual(std::sync::Arc<std::sync::atomic::AtomicU64>),
+}
+
+impl WallClock {
+    /// Milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> u64 {
+        match self {
+            WallClock::System => wall_clock_ms(),
+            WallClock::Manual(ms) => ms.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch from the system clock (0 if the clock is before 1970).
-pub(crate) fn wall_clock_ms() -> u64 {
+fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

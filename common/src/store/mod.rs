@@ -23,6 +23,7 @@ mod book;
 mod capture;
 mod change;
 mod clock;
+mod dump;
 mod error;
 mod extract;
 mod hlc;
@@ -48,7 +49,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 pub use book::SiteState;
 pub use change::{Change, Changeset, SiteId};
 pub use error::{Result, StoreError};
-pub use hlc::Timestamp;
+pub use hlc::{Timestamp, WallClock};
 pub use meta::FreshReason;
 pub use schema::{ColumnDef, IndexDef, Refusal, Schema, SchemaRefusal, TableDef};
 pub use value::{PkError, Value, display_pk, pack_pk, unpack_pk};
@@ -100,6 +101,8 @@ pub struct StoreOptions {
     pub query_rows_max: usize,
     /// The kernel boot id; `None` reads it from the kernel. Tests set it to simulate a reboot.
     pub boot_id: Option<String>,
+    /// Where wall-clock time comes from (the physical part of timestamps).
+    pub wall_clock: WallClock,
 }
 
 impl Default for StoreOptions {
@@ -118,6 +121,7 @@ impl Default for StoreOptions {
             events_capacity: 1024,
             query_rows_max: 100_000,
             boot_id: None,
+            wall_clock: WallClock::System,
         }
     }
 }
@@ -633,6 +637,18 @@ impl Store {
                 versions,
                 chunk_bytes,
             );
+            conn.execute_batch("COMMIT")?;
+            result
+        })
+    }
+
+    /// A canonical text dump of every replicated table with its metadata and parked changes.
+    /// Two converged replicas dump identically.
+    pub fn dump(&self) -> Result<String> {
+        let catalog = self.catalog();
+        self.read(|conn| {
+            conn.execute_batch("BEGIN")?;
+            let result = dump::dump(conn, &catalog);
             conn.execute_batch("COMMIT")?;
             result
         })

@@ -108,6 +108,20 @@ impl Readers {
         ))?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.set_prepared_statement_cache_capacity(256);
+        // The capture triggers name these functions; defining them (as a refusal) lets a write on a
+        // reader prepare, so it is refused as "not read-only" rather than "no such function".
+        for (name, arity) in [("__strata_capturing", 0), ("__strata_capture", -1)] {
+            conn.create_scalar_function(
+                name,
+                arity,
+                rusqlite::functions::FunctionFlags::SQLITE_UTF8,
+                |_| -> rusqlite::Result<bool> {
+                    Err(rusqlite::Error::UserFunctionError(
+                        "reader connections do not write".into(),
+                    ))
+                },
+            )?;
+        }
         Ok(conn)
     }
 }

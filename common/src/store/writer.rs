@@ -115,7 +115,7 @@ impl Writer {
         if group.is_empty() {
             return;
         }
-        let wall_ms = hlc::wall_clock_ms();
+        let wall_ms = self.shared.options.wall_clock.now_ms();
         if let Err(err) = self.conn.execute_batch("BEGIN IMMEDIATE") {
             self.fail_group(group, &err.into());
             return;
@@ -318,6 +318,10 @@ impl Writer {
 
     fn execute(&self, statement: &Statement) -> rusqlite::Result<usize> {
         let mut stmt = self.conn.prepare_cached(&statement.sql)?;
+        if stmt.column_count() > 0 {
+            // A read, or a write with RETURNING: either way rows nobody would see.
+            return Err(rusqlite::Error::ExecuteReturnedResults);
+        }
         stmt.execute(params_from_iter(statement.params.iter()))
     }
 

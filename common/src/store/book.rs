@@ -233,11 +233,12 @@ impl Books {
         Ok(ord)
     }
 
-    /// The bookkeeping of every site, for sync.
+    /// The bookkeeping of every site that has anything, for sync.
     pub(crate) fn states(&self) -> Vec<SiteState> {
         let mut states: Vec<SiteState> = self
             .sites
             .iter()
+            .filter(|(_, book)| book.head > 0 || !book.partials.is_empty())
             .filter_map(|(ord, book)| {
                 let site = *self.ids.get(ord)?;
                 Some(SiteState {

@@ -34,17 +34,44 @@ const KEYS: u8 = 4;
 
 #[derive(Debug, Clone)]
 enum Write {
-    Upsert { key: u8, a: Option<u8>, b: Option<u8>, c: u8, d: Option<u8> },
-    Update { key: u8, column: u8, value: u8 },
-    Delete { key: u8 },
+    Upsert {
+        key: u8,
+        a: Option<u8>,
+        b: Option<u8>,
+        c: u8,
+        d: Option<u8>,
+    },
+    Update {
+        key: u8,
+        column: u8,
+        value: u8,
+    },
+    Delete {
+        key: u8,
+    },
 }
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { node: usize, writes: Vec<Write>, advance_ms: u64 },
-    AddColumn { node: usize },
-    Deliver { to: usize, picks: Vec<prop::sample::Index>, chunk_bytes: usize, duplicate: bool },
-    Relay { from: usize, to: usize, chunk_bytes: usize },
+    Write {
+        node: usize,
+        writes: Vec<Write>,
+        advance_ms: u64,
+    },
+    AddColumn {
+        node: usize,
+    },
+    Deliver {
+        to: usize,
+        picks: Vec<prop::sample::Index>,
+        chunk_bytes: usize,
+        duplicate: bool,
+    },
+    Relay {
+        from: usize,
+        to: usize,
+        chunk_bytes: usize,
+    },
 }
 
 fn write() -> impl Strategy<Value = Write> {
@@ -70,7 +97,11 @@ fn op(nodes: usize) -> impl Strategy<Value = Op> {
 
 fn scenario() -> impl Strategy<Value = (usize, Vec<Op>, u64)> {
     (3usize..=5).prop_flat_map(|nodes| {
-        (Just(nodes), prop::collection::vec(op(nodes), 5..40), any::<u64>())
+        (
+            Just(nodes),
+            prop::collection::vec(op(nodes), 5..40),
+            any::<u64>(),
+        )
     })
 }
 
@@ -94,13 +125,23 @@ impl Replica {
             ..StoreOptions::default()
         };
         let store = Store::open(dir.path().join("db"), options).unwrap();
-        store.migrate_blocking(Schema::parse(BASE).unwrap()).unwrap();
-        Replica { store, clock, evolved: false, _dir: dir }
+        store
+            .migrate_blocking(Schema::parse(BASE).unwrap())
+            .unwrap();
+        Replica {
+            store,
+            clock,
+            evolved: false,
+            _dir: dir,
+        }
     }
 
     fn evolve(&mut self) {
         if !self.evolved {
-            let report = self.store.migrate_blocking(Schema::parse(EVOLVED).unwrap()).unwrap();
+            let report = self
+                .store
+                .migrate_blocking(Schema::parse(EVOLVED).unwrap())
+                .unwrap();
             assert_eq!(report.columns_added, ["t.d"]);
             self.evolved = true;
         }
@@ -112,9 +153,13 @@ impl Replica {
     }
 
     fn statement(&self, write: &Write) -> Statement {
-        let key = Value::Text(format!("k{}", match write {
-            Write::Upsert { key, .. } | Write::Update { key, .. } | Write::Delete { key } => key,
-        }));
+        let key = Value::Text(format!(
+            "k{}",
+            match write {
+                Write::Upsert { key, .. } | Write::Update { key, .. } | Write::Delete { key } =>
+                    key,
+            }
+        ));
         let small = |v: Option<u8>| v.map_or(Value::Null, |v| Value::Integer(i64::from(v)));
         let word = |v: Option<u8>| v.map_or(Value::Null, |v| Value::Text(format!("w{v}")));
         match write {
@@ -122,7 +167,13 @@ impl Replica {
                 "INSERT INTO t (id, a, b, c, d) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (id) DO UPDATE SET a = excluded.a, b = excluded.b, c = excluded.c,
                  d = excluded.d",
-                vec![key, small(*a), word(*b), Value::Integer(i64::from(*c)), word(*d)],
+                vec![
+                    key,
+                    small(*a),
+                    word(*b),
+                    Value::Integer(i64::from(*c)),
+                    word(*d),
+                ],
             ),
             Write::Upsert { a, b, c, .. } => Statement::with_params(
                 "INSERT INTO t (id, a, b, c) VALUES (?1, ?2, ?3, ?4)
@@ -150,7 +201,11 @@ impl Replica {
 
     fn apply(&self, changesets: Vec<Changeset>) {
         let applied = self.store.apply_blocking(changesets).unwrap();
-        assert!(applied.rejected.is_empty(), "rejected: {:?}", applied.rejected);
+        assert!(
+            applied.rejected.is_empty(),
+            "rejected: {:?}",
+            applied.rejected
+        );
     }
 
     /// Everything this replica holds, as another replica would be served it.
@@ -166,14 +221,19 @@ impl Replica {
 
 fn shuffle<T>(items: &mut [T], rng: &mut u64) {
     for i in (1..items.len()).rev() {
-        *rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let j = (*rng >> 33) as usize % (i + 1);
         items.swap(i, j);
     }
 }
 
 fn chunks(changesets: &[Changeset], bytes: usize) -> Vec<Changeset> {
-    changesets.iter().flat_map(|c| c.clone().chunked(bytes)).collect()
+    changesets
+        .iter()
+        .flat_map(|c| c.clone().chunked(bytes))
+        .collect()
 }
 
 fn run_scenario(nodes: usize, ops: &[Op], seed: u64) -> Result<(), TestCaseError> {
@@ -182,18 +242,29 @@ fn run_scenario(nodes: usize, ops: &[Op], seed: u64) -> Result<(), TestCaseError
     let mut pool: Vec<Changeset> = Vec::new();
     for op in ops {
         match op {
-            Op::Write { node, writes, advance_ms } => {
+            Op::Write {
+                node,
+                writes,
+                advance_ms,
+            } => {
                 let replica = &replicas[*node];
                 replica.clock.fetch_add(*advance_ms, Ordering::Relaxed);
                 pool.extend(replica.run(writes));
             }
             Op::AddColumn { node } => replicas[*node].evolve(),
-            Op::Deliver { to, picks, chunk_bytes, duplicate } => {
+            Op::Deliver {
+                to,
+                picks,
+                chunk_bytes,
+                duplicate,
+            } => {
                 if pool.is_empty() {
                     continue;
                 }
-                let mut batch: Vec<Changeset> =
-                    picks.iter().map(|i| pool[i.index(pool.len())].clone()).collect();
+                let mut batch: Vec<Changeset> = picks
+                    .iter()
+                    .map(|i| pool[i.index(pool.len())].clone())
+                    .collect();
                 let mut batch = chunks(&batch.split_off(0), *chunk_bytes);
                 if *duplicate {
                     let again = batch.clone();
@@ -202,7 +273,11 @@ fn run_scenario(nodes: usize, ops: &[Op], seed: u64) -> Result<(), TestCaseError
                 shuffle(&mut batch, &mut rng);
                 replicas[*to].apply(batch);
             }
-            Op::Relay { from, to, chunk_bytes } => {
+            Op::Relay {
+                from,
+                to,
+                chunk_bytes,
+            } => {
                 let mut batch = chunks(&replicas[*from].serve_all(), *chunk_bytes);
                 shuffle(&mut batch, &mut rng);
                 replicas[*to].apply(batch);
@@ -223,15 +298,29 @@ fn run_scenario(nodes: usize, ops: &[Op], seed: u64) -> Result<(), TestCaseError
     }
     let reference = replicas[0].store.dump().unwrap();
     let books = replicas[0].store.bookkeeping();
-    prop_assert!(!reference.contains("parked"), "nothing stays parked:\n{reference}");
-    prop_assert!(!reference.contains("!!"), "metadata matches base rows:\n{reference}");
+    prop_assert!(
+        !reference.contains("parked"),
+        "nothing stays parked:\n{reference}"
+    );
+    prop_assert!(
+        !reference.contains("!!"),
+        "metadata matches base rows:\n{reference}"
+    );
     for (i, replica) in replicas.iter().enumerate().skip(1) {
         let dump = replica.store.dump().unwrap();
         prop_assert_eq!(&dump, &reference, "replica {} differs from replica 0", i);
-        prop_assert_eq!(replica.store.bookkeeping(), books.clone(), "bookkeeping of replica {}", i);
+        prop_assert_eq!(
+            replica.store.bookkeeping(),
+            books.clone(),
+            "bookkeeping of replica {}",
+            i
+        );
     }
     for state in &books {
-        prop_assert!(state.gaps.is_empty() && state.partials.is_empty(), "{state:?}");
+        prop_assert!(
+            state.gaps.is_empty() && state.partials.is_empty(),
+            "{state:?}"
+        );
     }
     Ok(())
 }

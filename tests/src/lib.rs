@@ -1,1 +1,5 @@
 //! Test support for Strata's multi-node, multi-process and fault tests, and the benchmarks.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod crash;

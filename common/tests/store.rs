@@ -561,7 +561,7 @@ fn a_version_in_chunks_is_buffered_until_complete() {
         })
         .collect();
     let whole = a.store.transact_blocking(rows).unwrap().changeset.unwrap();
-    let mut chunks = whole.chunked(600);
+    let mut chunks = (*whole).clone().chunked(600);
     assert!(chunks.len() >= 3);
     let last = chunks.pop().unwrap();
     let applied = b.store.apply_blocking(chunks.clone()).unwrap();

@@ -149,7 +149,11 @@ impl Replica {
 
     fn run(&self, writes: &[Write]) -> Option<Changeset> {
         let statements = writes.iter().map(|w| self.statement(w)).collect();
-        self.store.transact_blocking(statements).unwrap().changeset
+        self.store
+            .transact_blocking(statements)
+            .unwrap()
+            .changeset
+            .map(|c| (*c).clone())
     }
 
     fn statement(&self, write: &Write) -> Statement {

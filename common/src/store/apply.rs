@@ -109,7 +109,7 @@ pub(crate) fn merge(
         if change.is_row_event() {
             // Same life: keep the greatest row event, so every replica records the same one.
             if later(books, stamp, (life.ts, life.site, life.seq)) {
-                clock::row_update(conn, table, life.key, life.cl, stamp)?;
+                clock::row_set(conn, table, &change.pk, life.cl, stamp)?;
             }
             return Ok(Merged::Unchanged);
         }
@@ -126,16 +126,13 @@ pub(crate) fn merge(
         park(conn, origin, change)?;
         return Ok(Merged::Parked);
     };
-    if merge_cell(
-        conn,
-        table,
-        books,
-        &life,
-        &key_values,
+    let cell = Cell {
+        pk: &change.pk,
+        key_values: &key_values,
         position,
-        &change.value,
-        stamp,
-    )? {
+        value: &change.value,
+    };
+    if merge_cell(conn, table, books, &life, &cell, stamp)? {
         changed = true;
     }
     Ok(if changed {
@@ -174,36 +171,42 @@ fn enter_life(
             .execute(key_params())?;
         true
     };
-    match life {
-        Some(life) => {
-            clock::row_update(conn, table, life.key, cl, stamp)?;
-            clock::clock_clear(conn, table, life.key)?;
-        }
-        None => {
-            clock::row_insert(conn, table, pk, cl, stamp)?;
-        }
+    clock::row_set(conn, table, pk, cl, stamp)?;
+    if life.is_some() {
+        clock::cells_clear(conn, table, pk)?;
     }
     Ok(changed)
 }
 
+/// One incoming cell of a live row.
+struct Cell<'a> {
+    pk: &'a [u8],
+    key_values: &'a [Value],
+    position: usize,
+    value: &'a Value,
+}
+
 /// Merges one cell of a live row. Returns whether the base row changed.
-#[allow(clippy::too_many_arguments)]
 fn merge_cell(
     conn: &Connection,
     table: &Table,
     books: &Books,
     life: &RowLife,
-    key_values: &[Value],
-    position: usize,
-    value: &Value,
+    cell: &Cell<'_>,
     stamp: Stamp,
 ) -> Result<bool> {
-    if let Some(local) = clock::clock_get(conn, table, life.key, position)? {
+    let Cell {
+        pk,
+        key_values,
+        position,
+        value,
+    } = *cell;
+    if let Some(local) = clock::clock_get(conn, table, pk, position)? {
         if !later(books, stamp, (local.ts, local.site, local.seq)) {
             return Ok(false);
         }
     }
-    clock::clock_set(conn, table, life.key, position, stamp)?;
+    clock::clock_set(conn, table, pk, position, life.cl, stamp)?;
     let current: Option<Value> = conn
         .prepare_cached(&table.sql.base_select)?
         .query_row(params_from_iter(key_values.iter()), |row| {

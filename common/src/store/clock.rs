@@ -1,5 +1,10 @@
-//! Reading and writing the per-table metadata: row lives (`__strata_rows_N`) and cell clocks
-//! (`__strata_clock_N`). Shared by local capture and remote apply; holds no state.
+//! Reading and writing the per-table metadata (`__strata_clock_N`): one entry per row life
+//! (`cid` -1: causal length and the row event that set it) and one per cell that differs from
+//! "the column's default at timestamp zero" (`cid` = column position). Shared by local capture
+//! and remote apply; holds no state.
+//!
+//! A cell entry stores the causal length of the life it was written in; entries of older lives
+//! are deleted when a row enters a new one, so every cell entry belongs to its row's current life.
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -7,6 +12,9 @@ use super::book::{Ord, from_sql, to_sql};
 use super::error::Result;
 use super::hlc::Timestamp;
 use super::table::Table;
+
+/// The `cid` of a row-life entry.
+pub(crate) const ROW_CID: i64 = -1;
 
 /// Who made a write: its timestamp, site, version and position in the version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +39,6 @@ impl Stamp {
 /// A row's life as recorded.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RowLife {
-    pub(crate) key: i64,
     pub(crate) cl: u64,
     pub(crate) ts: Timestamp,
     pub(crate) site: Ord,
@@ -48,66 +55,38 @@ pub(crate) struct CellClock {
 
 pub(crate) fn row_get(conn: &Connection, table: &Table, pk: &[u8]) -> Result<Option<RowLife>> {
     Ok(conn
-        .prepare_cached(&table.sql.rows_get)?
+        .prepare_cached(&table.sql.row_get)?
         .query_row([pk], |row| {
             Ok(RowLife {
-                key: row.get(0)?,
-                cl: from_sql(row.get(1)?),
-                ts: Timestamp::from_sql(row.get(2)?),
-                site: row.get(3)?,
-                seq: row.get(4)?,
+                cl: from_sql(row.get(0)?),
+                ts: Timestamp::from_sql(row.get(1)?),
+                site: row.get(2)?,
+                seq: row.get(3)?,
             })
         })
         .optional()?)
 }
 
-pub(crate) fn row_insert(
+/// Records a row's life (`cl`) and the row event that set it.
+pub(crate) fn row_set(
     conn: &Connection,
     table: &Table,
     pk: &[u8],
     cl: u64,
     s: Stamp,
-) -> Result<i64> {
-    conn.prepare_cached(&table.sql.rows_insert)?
-        .execute(params![
-            pk,
-            to_sql(cl),
-            s.ts.as_sql(),
-            s.site,
-            to_sql(s.version),
-            s.seq
-        ])?;
-    Ok(conn.last_insert_rowid())
-}
-
-pub(crate) fn row_update(
-    conn: &Connection,
-    table: &Table,
-    key: i64,
-    cl: u64,
-    s: Stamp,
 ) -> Result<()> {
-    conn.prepare_cached(&table.sql.rows_update)?
-        .execute(params![
-            key,
-            to_sql(cl),
-            s.ts.as_sql(),
-            s.site,
-            to_sql(s.version),
-            s.seq
-        ])?;
-    Ok(())
+    entry_set(conn, table, pk, ROW_CID, cl, s)
 }
 
 pub(crate) fn clock_get(
     conn: &Connection,
     table: &Table,
-    key: i64,
+    pk: &[u8],
     cid: usize,
 ) -> Result<Option<CellClock>> {
     Ok(conn
-        .prepare_cached(&table.sql.clock_get)?
-        .query_row(params![key, cid as i64], |row| {
+        .prepare_cached(&table.sql.cell_get)?
+        .query_row(params![pk, cid as i64], |row| {
             Ok(CellClock {
                 ts: Timestamp::from_sql(row.get(0)?),
                 site: row.get(1)?,
@@ -117,17 +96,31 @@ pub(crate) fn clock_get(
         .optional()?)
 }
 
+/// Records the write that set a cell, in the row life `cl`.
 pub(crate) fn clock_set(
     conn: &Connection,
     table: &Table,
-    key: i64,
+    pk: &[u8],
     cid: usize,
+    cl: u64,
     s: Stamp,
 ) -> Result<()> {
-    conn.prepare_cached(&table.sql.clock_upsert)?
+    entry_set(conn, table, pk, cid as i64, cl, s)
+}
+
+fn entry_set(
+    conn: &Connection,
+    table: &Table,
+    pk: &[u8],
+    cid: i64,
+    cl: u64,
+    s: Stamp,
+) -> Result<()> {
+    conn.prepare_cached(&table.sql.entry_upsert)?
         .execute(params![
-            key,
-            cid as i64,
+            pk,
+            cid,
+            to_sql(cl),
             s.ts.as_sql(),
             s.site,
             to_sql(s.version),
@@ -136,8 +129,8 @@ pub(crate) fn clock_set(
     Ok(())
 }
 
-pub(crate) fn clock_clear(conn: &Connection, table: &Table, key: i64) -> Result<()> {
-    conn.prepare_cached(&table.sql.clock_clear)?
-        .execute([key])?;
+/// Forgets every cell clock of a row (it entered a new life).
+pub(crate) fn cells_clear(conn: &Connection, table: &Table, pk: &[u8]) -> Result<()> {
+    conn.prepare_cached(&table.sql.cells_clear)?.execute([pk])?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! scenario tests. Site ids appear as their first 8 hex digits, never as local ordinals, so the
 //! dumps of two converged replicas are byte-identical.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use rusqlite::Connection;
@@ -43,55 +43,42 @@ pub(crate) fn dump(conn: &Connection, catalog: &Catalog) -> Result<String> {
     for name in names {
         let table = &catalog.by_name[name];
         let _ = writeln!(out, "table {name}");
-        let mut lives: BTreeMap<Vec<u8>, (i64, String)> = BTreeMap::new();
+        // Entries come ordered by (pk, cid): each row's life (cid -1) first, then its cells.
         let mut stmt = conn.prepare(&format!(
-            "SELECT key, pk, cl, ts, site, version, seq FROM __strata_rows_{}",
+            "SELECT pk, cid, cl, ts, site, version, seq FROM __strata_clock_{} ORDER BY pk, cid",
             table.tid
         ))?;
         let mut rows = stmt.query([])?;
+        let mut alive = 0usize;
         while let Some(row) = rows.next()? {
-            let pk: Vec<u8> = row.get(1)?;
-            let line = format!(
-                "cl={} {}",
-                from_sql(row.get(2)?),
-                stamp(row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?)
-            );
-            lives.insert(pk, (row.get(0)?, line));
-        }
-        let mut cells: HashMap<i64, Vec<String>> = HashMap::new();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT key, cid, ts, site, version, seq FROM __strata_clock_{} ORDER BY key, cid",
-            table.tid
-        ))?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
+            let pk: Vec<u8> = row.get(0)?;
             let cid: i64 = row.get(1)?;
-            let column = usize::try_from(cid)
-                .ok()
-                .map_or("?", |p| table.column_name(p));
-            cells.entry(row.get(0)?).or_default().push(format!(
-                "    cell {column} {}",
-                stamp(row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?)
-            ));
-        }
-        for (pk, (key, life)) in &lives {
-            let _ = writeln!(out, "  row {} {life}", display_pk(pk));
-            if let Some(values) = base_values(conn, table, pk)? {
-                let _ = writeln!(out, "    values {values}");
+            let cl = from_sql(row.get(2)?);
+            let stamp = stamp(row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?);
+            match usize::try_from(cid) {
+                Err(_) => {
+                    let _ = writeln!(out, "  row {} cl={cl} {stamp}", display_pk(&pk));
+                    if let Some(values) = base_values(conn, table, &pk)? {
+                        let _ = writeln!(out, "    values {values}");
+                    }
+                    if cl % 2 == 1 {
+                        alive += 1;
+                    }
+                }
+                Ok(position) => {
+                    let column = table.column_name(position);
+                    let _ = writeln!(out, "    cell {column} cl={cl} {stamp}");
+                }
             }
-            for cell in cells.remove(key).unwrap_or_default() {
-                let _ = writeln!(out, "{cell}");
-            }
         }
-        let mut stmt = conn.prepare(&format!(
-            "SELECT count(*) FROM {}",
-            super::schema::quote(table.name())
-        ))?;
-        let count: i64 = stmt.query_row([], |r| r.get(0))?;
-        let alive = lives
-            .values()
-            .filter(|(_, l)| l.starts_with("cl=") && odd(l))
-            .count();
+        let count: i64 = conn.query_row(
+            &format!(
+                "SELECT count(*) FROM {}",
+                super::schema::quote(table.name())
+            ),
+            [],
+            |r| r.get(0),
+        )?;
         if usize::try_from(count).unwrap_or(0) != alive {
             let _ = writeln!(
                 out,
@@ -125,13 +112,6 @@ pub(crate) fn dump(conn: &Connection, catalog: &Catalog) -> Result<String> {
         );
     }
     Ok(out)
-}
-
-fn odd(life: &str) -> bool {
-    life.strip_prefix("cl=")
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|cl| cl.parse::<u64>().ok())
-        .is_some_and(|cl| cl % 2 == 1)
 }
 
 fn base_values(

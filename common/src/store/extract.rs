@@ -50,28 +50,17 @@ pub(crate) fn versions(
     let mut found: BTreeMap<u64, Vec<Found>> = BTreeMap::new();
     let mut parked: BTreeMap<u64, Vec<(Timestamp, Change)>> = BTreeMap::new();
     for table in tables.values() {
-        let mut stmt = conn.prepare_cached(&table.sql.extract_rows)?;
+        let mut stmt = conn.prepare_cached(&table.sql.extract)?;
         let mut rows = stmt.query(params![ord, to_sql(lo), to_sql(hi)])?;
         while let Some(row) = rows.next()? {
+            let cid: i64 = row.get(5)?;
             found.entry(from_sql(row.get(0)?)).or_default().push(Found {
                 seq: row.get(1)?,
                 ts: Timestamp::from_sql(row.get(2)?),
                 table: Arc::clone(table),
                 pk: row.get(3)?,
                 cl: from_sql(row.get(4)?),
-                position: None,
-            });
-        }
-        let mut stmt = conn.prepare_cached(&table.sql.extract_cells)?;
-        let mut rows = stmt.query(params![ord, to_sql(lo), to_sql(hi)])?;
-        while let Some(row) = rows.next()? {
-            found.entry(from_sql(row.get(0)?)).or_default().push(Found {
-                seq: row.get(1)?,
-                ts: Timestamp::from_sql(row.get(2)?),
-                table: Arc::clone(table),
-                pk: row.get(3)?,
-                cl: from_sql(row.get(4)?),
-                position: Some(row.get::<_, i64>(5)? as usize),
+                position: usize::try_from(cid).ok(),
             });
         }
     }

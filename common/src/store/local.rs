@@ -118,21 +118,21 @@ impl Recorder {
         let existing = clock::row_get(conn, table, &write.pk)?;
         match write.op {
             RowOp::Insert => {
-                let (key, cl) = match existing {
+                let cl = match existing {
                     None => {
                         let stamp = self.stamp();
-                        let key = clock::row_insert(conn, table, &write.pk, 1, stamp)?;
+                        clock::row_set(conn, table, &write.pk, 1, stamp)?;
                         self.push(table, &write.pk, None, Value::Null, 1, stamp.seq);
-                        (key, 1)
+                        1
                     }
                     Some(life) if life.cl % 2 == 0 => {
-                        // Re-insert of a deleted row: a new life with every cell at its default.
+                        // Re-insert of a deleted row: a new life with every cell at its default
+                        // (a deleted row has no cell clocks left).
                         let stamp = self.stamp();
                         let cl = life.cl + 1;
-                        clock::row_update(conn, table, life.key, cl, stamp)?;
-                        clock::clock_clear(conn, table, life.key)?;
+                        clock::row_set(conn, table, &write.pk, cl, stamp)?;
                         self.push(table, &write.pk, None, Value::Null, cl, stamp.seq);
-                        (life.key, cl)
+                        cl
                     }
                     Some(_) => {
                         // Only REPLACE inserts over a live row: it deleted the row without firing
@@ -152,7 +152,7 @@ impl Recorder {
                 };
                 for (position, value) in write.cells {
                     let stamp = self.stamp();
-                    clock::clock_set(conn, table, key, position, stamp)?;
+                    clock::clock_set(conn, table, &write.pk, position, cl, stamp)?;
                     self.push(table, &write.pk, Some(position), value, cl, stamp.seq);
                 }
             }
@@ -160,7 +160,7 @@ impl Recorder {
                 let life = alive(existing, table, &write.pk)?;
                 for (position, value) in write.cells {
                     let stamp = self.stamp();
-                    clock::clock_set(conn, table, life.key, position, stamp)?;
+                    clock::clock_set(conn, table, &write.pk, position, life.cl, stamp)?;
                     self.push(table, &write.pk, Some(position), value, life.cl, stamp.seq);
                 }
             }
@@ -168,8 +168,8 @@ impl Recorder {
                 let life = alive(existing, table, &write.pk)?;
                 let stamp = self.stamp();
                 let cl = life.cl + 1;
-                clock::row_update(conn, table, life.key, cl, stamp)?;
-                clock::clock_clear(conn, table, life.key)?;
+                clock::row_set(conn, table, &write.pk, cl, stamp)?;
+                clock::cells_clear(conn, table, &write.pk)?;
                 self.push(table, &write.pk, None, Value::Null, cl, stamp.seq);
             }
         }

@@ -15,13 +15,14 @@
 //! - Per-site bookkeeping (head, gaps, partial versions) is written in the same transaction as the
 //!   data (see `book`), and [`Store::changes`] serves versions to peers (see `extract`).
 //!
-//! Layout of a node's database: the replicated tables, their `__strata_rows_N` and
-//! `__strata_clock_N` metadata, and the store's own `__strata_*` tables (see `meta`).
+//! Layout of a node's database: the replicated tables, their `__strata_clock_N` metadata (see
+//! `table`), and the store's own `__strata_*` tables (see `meta`).
 
 mod apply;
 mod book;
 mod capture;
 mod change;
+mod checkpoint;
 mod clock;
 mod dump;
 mod error;
@@ -44,7 +45,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::Connection;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, oneshot};
 
 pub use book::SiteState;
 pub use change::{Change, Changeset, SiteId};
@@ -163,7 +164,7 @@ pub struct Committed {
     /// Rows each statement affected.
     pub rows_affected: Vec<usize>,
     /// What it changed, whole (chunk it for the wire).
-    pub changeset: Option<Changeset>,
+    pub changeset: Option<Arc<Changeset>>,
 }
 
 /// What applying remote changesets did.
@@ -211,7 +212,7 @@ pub struct MigrationReport {
 #[derive(Debug, Clone, Default)]
 pub struct CommitEvent {
     /// Local versions committed, whole.
-    pub local: Vec<Changeset>,
+    pub local: Vec<Arc<Changeset>>,
     /// Remote versions now held.
     pub applied: Vec<(SiteId, u64)>,
     /// Rows whose base values changed, as (table, packed key), sorted.
@@ -311,9 +312,11 @@ pub struct Store {
 
 struct Inner {
     shared: Arc<Shared>,
-    requests: Option<mpsc::Sender<Request>>,
+    requests: Option<flume::Sender<Request>>,
     readers: Readers,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Dropping the sender stops the checkpointer.
+    checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>>,
     path: PathBuf,
     fresh: Option<FreshReason>,
 }
@@ -330,6 +333,17 @@ impl Drop for Inner {
         if let Some(handle) = handle {
             if handle.join().is_err() {
                 tracing::error!("store writer thread panicked");
+            }
+        }
+        let checkpointer = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((stop, handle)) = checkpointer {
+            drop(stop);
+            if handle.join().is_err() {
+                tracing::error!("store checkpointer thread panicked");
             }
         }
     }
@@ -352,7 +366,9 @@ impl Store {
              PRAGMA foreign_keys = OFF;
              PRAGMA recursive_triggers = OFF;
              PRAGMA temp_store = MEMORY;
+             PRAGMA wal_autocheckpoint = {};
              PRAGMA cache_size = -{};",
+            checkpoint::WRITER_AUTOCHECKPOINT_PAGES,
             options.writer_cache_kib
         ))?;
         let capture = Arc::new(Capture::default());
@@ -386,7 +402,11 @@ impl Store {
         let catalog = Arc::new(load_catalog(&conn)?);
         check_foreign_triggers(&conn, &catalog)?;
         let books = Books::load(&conn)?;
-        let last: i64 = meta::get(&conn, "hlc")?.unwrap_or(0);
+        let last: i64 = conn.query_row(
+            "SELECT coalesce(max(hlc), 0) FROM __strata_sites",
+            [],
+            |r| r.get(0),
+        )?;
         let clock = hlc::Clock::new(Timestamp::from_sql(last), options.clock_drift_max_ms);
         capture.set_tables(catalog.by_tid.clone());
 
@@ -400,7 +420,7 @@ impl Store {
             events,
             options: options.clone(),
         });
-        let (requests, queue) = mpsc::channel(options.queue_len.max(1));
+        let (requests, queue) = flume::bounded(options.queue_len.max(1));
         let writer = Writer {
             conn,
             capture,
@@ -410,16 +430,23 @@ impl Store {
             catalog,
             user_mode,
             denied,
+            hlc_saved: Timestamp::from_sql(last),
         };
         let handle = std::thread::Builder::new()
             .name("strata-store-writer".into())
             .spawn(move || writer.run(queue))?;
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let checkpoint_path = path.clone();
+        let checkpointer = std::thread::Builder::new()
+            .name("strata-store-checkpoint".into())
+            .spawn(move || checkpoint::run(checkpoint_path, stopped))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 readers: Readers::new(&path, options.readers, options.reader_cache_kib),
                 shared,
                 requests: Some(requests),
                 writer: Mutex::new(Some(handle)),
+                checkpointer: Mutex::new(Some((stop, checkpointer))),
                 path,
                 fresh: identity.fresh,
             }),
@@ -462,53 +489,53 @@ impl Store {
         )
     }
 
-    fn sender(&self) -> Result<&mpsc::Sender<Request>> {
+    fn sender(&self) -> Result<&flume::Sender<Request>> {
         self.inner.requests.as_ref().ok_or(StoreError::Closed)
     }
 
-    async fn request<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
-    ) -> Result<T> {
+    async fn request<R>(&self, make: impl FnOnce(oneshot::Sender<R>) -> Request) -> Result<R> {
+        let (reply, answer) = oneshot::channel();
+        self.sender()?
+            .send_async(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)
+    }
+
+    fn request_blocking<R>(&self, make: impl FnOnce(oneshot::Sender<R>) -> Request) -> Result<R> {
         let (reply, answer) = oneshot::channel();
         self.sender()?
             .send(make(reply))
-            .await
             .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
-    }
-
-    fn request_blocking<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
-    ) -> Result<T> {
-        let (reply, answer) = oneshot::channel();
-        self.sender()?
-            .blocking_send(make(reply))
-            .map_err(|_| StoreError::Closed)?;
-        answer.blocking_recv().map_err(|_| StoreError::Closed)?
+        answer.blocking_recv().map_err(|_| StoreError::Closed)
     }
 
     /// Runs statements as one transaction. Waits while the writer's queue is full.
     pub async fn transact(&self, statements: Vec<Statement>) -> Result<Committed> {
-        self.request(|reply| Request::Transact { statements, reply })
-            .await
+        let (result, statements) = self
+            .request(|reply| Request::Transact { statements, reply })
+            .await?;
+        drop(statements);
+        result
     }
 
     /// [`Store::transact`] for synchronous callers (not from inside an async runtime).
     pub fn transact_blocking(&self, statements: Vec<Statement>) -> Result<Committed> {
-        self.request_blocking(|reply| Request::Transact { statements, reply })
+        let (result, statements) =
+            self.request_blocking(|reply| Request::Transact { statements, reply })?;
+        drop(statements);
+        result
     }
 
     /// Applies remote changesets (idempotent, any order).
     pub async fn apply(&self, changesets: Vec<Changeset>) -> Result<Applied> {
         self.request(|reply| Request::Apply { changesets, reply })
-            .await
+            .await?
     }
 
     /// [`Store::apply`] for synchronous callers.
     pub fn apply_blocking(&self, changesets: Vec<Changeset>) -> Result<Applied> {
-        self.request_blocking(|reply| Request::Apply { changesets, reply })
+        self.request_blocking(|reply| Request::Apply { changesets, reply })?
     }
 
     /// Moves the store to `schema`: additive changes are applied (recording no versions),
@@ -518,7 +545,7 @@ impl Store {
             schema: Box::new(schema),
             reply,
         })
-        .await
+        .await?
     }
 
     /// [`Store::migrate`] for synchronous callers.
@@ -526,7 +553,7 @@ impl Store {
         self.request_blocking(|reply| Request::Migrate {
             schema: Box::new(schema),
             reply,
-        })
+        })?
     }
 
     /// Runs a read-only query on a reader connection.

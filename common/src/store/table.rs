@@ -1,12 +1,13 @@
 //! A replicated table as the store runs it: its id, which columns are key and which are
 //! replicated, and the SQL generated for it once (metadata tables, triggers, statements).
 //!
-//! Per replicated table `T` with id `N` the store keeps two metadata tables:
-//! - `__strata_rows_N`: one row per primary key ever seen, alive or deleted, with its causal
-//!   length `cl` (odd alive, even deleted) and the row event (timestamp, site, version, seq) that
-//!   set it. A site of -1 means the life was implied by a cell and its row event is still to come.
-//! - `__strata_clock_N`: one row per cell that differs from "the column's default at timestamp
-//!   zero", holding the write that set it.
+//! Per replicated table `T` with id `N` the store keeps one metadata table, `__strata_clock_N`,
+//! keyed by (packed primary key, column id): an entry with column id -1 per primary key ever
+//! seen, alive or deleted, with its causal length `cl` (odd alive, even deleted) and the row event
+//! (timestamp, site, version, seq) that set it (a site of -1 means the life was implied by a cell
+//! whose row event is still to come); and an entry per cell that differs from "the column's
+//! default at timestamp zero", holding the write that set it. One b-tree plus a (site, version)
+//! index: every commit writes as few pages as the metadata allows.
 //!
 //! Three triggers call `__strata_capture()`, a function that only the store's writer connection
 //! registers; any other connection that writes `T` fails with "no such function".
@@ -42,20 +43,17 @@ pub(crate) struct Table {
 /// SQL generated once per table and schema version.
 #[derive(Debug)]
 pub(crate) struct TableSql {
-    pub(crate) rows_get: String,
-    pub(crate) rows_insert: String,
-    pub(crate) rows_update: String,
-    pub(crate) clock_get: String,
-    pub(crate) clock_upsert: String,
-    pub(crate) clock_clear: String,
+    pub(crate) row_get: String,
+    pub(crate) cell_get: String,
+    pub(crate) entry_upsert: String,
+    pub(crate) cells_clear: String,
     pub(crate) base_select: String,
     pub(crate) base_insert_key: String,
     pub(crate) base_delete: String,
     pub(crate) base_reset: String,
     /// `UPDATE T SET col = ? WHERE key`, by column position (empty for key and generated columns).
     pub(crate) base_update: Vec<String>,
-    pub(crate) extract_rows: String,
-    pub(crate) extract_cells: String,
+    pub(crate) extract: String,
 }
 
 impl Table {
@@ -108,28 +106,19 @@ impl Table {
         self.def.columns()[position].name()
     }
 
-    /// Metadata tables and indexes, created with the table.
+    /// The metadata table and its index, created with the table.
     pub(crate) fn metadata_ddl(&self) -> String {
         let n = self.tid;
         format!(
-            "CREATE TABLE IF NOT EXISTS __strata_rows_{n} (
-                key INTEGER PRIMARY KEY,
-                pk BLOB NOT NULL UNIQUE,
+            "CREATE TABLE IF NOT EXISTS __strata_clock_{n} (
+                pk BLOB NOT NULL,
+                cid INTEGER NOT NULL,
                 cl INTEGER NOT NULL,
                 ts INTEGER NOT NULL,
                 site INTEGER NOT NULL,
                 version INTEGER NOT NULL,
-                seq INTEGER NOT NULL
-             ) STRICT;
-             CREATE INDEX IF NOT EXISTS __strata_rows_{n}_sv ON __strata_rows_{n} (site, version);
-             CREATE TABLE IF NOT EXISTS __strata_clock_{n} (
-                key INTEGER NOT NULL,
-                cid INTEGER NOT NULL,
-                ts INTEGER NOT NULL,
-                site INTEGER NOT NULL,
-                version INTEGER NOT NULL,
                 seq INTEGER NOT NULL,
-                PRIMARY KEY (key, cid)
+                PRIMARY KEY (pk, cid)
              ) WITHOUT ROWID, STRICT;
              CREATE INDEX IF NOT EXISTS __strata_clock_{n}_sv ON __strata_clock_{n} (site, version);"
         )
@@ -217,25 +206,19 @@ impl TableSql {
             })
             .collect();
         TableSql {
-            rows_get: format!("SELECT key, cl, ts, site, seq FROM __strata_rows_{n} WHERE pk = ?1"),
-            rows_insert: format!(
-                "INSERT INTO __strata_rows_{n} (pk, cl, ts, site, version, seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            row_get: format!(
+                "SELECT cl, ts, site, seq FROM __strata_clock_{n} WHERE pk = ?1 AND cid = -1"
             ),
-            rows_update: format!(
-                "UPDATE __strata_rows_{n} SET cl = ?2, ts = ?3, site = ?4, version = ?5, seq = ?6
-                 WHERE key = ?1"
+            cell_get: format!(
+                "SELECT ts, site, seq FROM __strata_clock_{n} WHERE pk = ?1 AND cid = ?2"
             ),
-            clock_get: format!(
-                "SELECT ts, site, seq FROM __strata_clock_{n} WHERE key = ?1 AND cid = ?2"
+            entry_upsert: format!(
+                "INSERT INTO __strata_clock_{n} (pk, cid, cl, ts, site, version, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (pk, cid) DO UPDATE SET cl = excluded.cl, ts = excluded.ts,
+                 site = excluded.site, version = excluded.version, seq = excluded.seq"
             ),
-            clock_upsert: format!(
-                "INSERT INTO __strata_clock_{n} (key, cid, ts, site, version, seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (key, cid) DO UPDATE SET ts = excluded.ts, site = excluded.site,
-                 version = excluded.version, seq = excluded.seq"
-            ),
-            clock_clear: format!("DELETE FROM __strata_clock_{n} WHERE key = ?1"),
+            cells_clear: format!("DELETE FROM __strata_clock_{n} WHERE pk = ?1 AND cid >= 0"),
             base_select: format!("SELECT {select_list} FROM {table} WHERE {key_where}"),
             base_insert_key: format!(
                 "INSERT INTO {table} ({}) VALUES ({})",
@@ -249,14 +232,9 @@ impl TableSql {
                 format!("UPDATE {table} SET {} WHERE {key_where}", reset.join(", "))
             },
             base_update,
-            extract_rows: format!(
-                "SELECT version, seq, ts, pk, cl FROM __strata_rows_{n}
+            extract: format!(
+                "SELECT version, seq, ts, pk, cl, cid FROM __strata_clock_{n}
                  WHERE site = ?1 AND version BETWEEN ?2 AND ?3"
-            ),
-            extract_cells: format!(
-                "SELECT c.version, c.seq, c.ts, r.pk, r.cl, c.cid FROM __strata_clock_{n} c
-                 JOIN __strata_rows_{n} r ON r.key = c.key
-                 WHERE c.site = ?1 AND c.version BETWEEN ?2 AND ?3"
             ),
         }
     }

@@ -2,13 +2,15 @@
 
 use std::path::PathBuf;
 
+use prost::Message;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["strata/v1/api.proto"];
     let fds = protox::compile(files, ["."])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("strata_descriptor.bin"))
-        .compile_fds(fds)?;
+    // For gRPC reflection: clients can discover the API without the .proto files.
+    std::fs::write(out.join("strata_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure().compile_fds(fds)?;
     println!("cargo:rerun-if-changed=strata");
     Ok(())
 }

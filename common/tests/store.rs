@@ -3,6 +3,8 @@
 //! Each test opens stores in a temporary directory with a manual wall clock, so timestamps (and
 //! thus last-writer-wins outcomes) are chosen by the test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 

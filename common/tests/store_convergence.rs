@@ -8,6 +8,8 @@
 //! delivered everywhere, and every replica must hold identical rows, identical clock metadata
 //! and identical bookkeeping.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -6,6 +6,8 @@
 //! number it reported, so a number a peer may have seen is never reused for other content.
 //! Rounds: `STRATA_CRASH_ROUNDS` (default 12).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

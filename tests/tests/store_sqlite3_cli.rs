@@ -1,6 +1,8 @@
 //! The stock `sqlite3` command-line tool reads a running store's replicated tables and fails to
 //! write them. `.ci/run` installs the tool.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 use strata_common::store::{Schema, Statement, Store, StoreOptions};

@@ -94,7 +94,7 @@ pub(crate) fn merge(
             change.cl,
             row_stamp,
         )?;
-        if change.cl % 2 == 0 {
+        if change.cl.is_multiple_of(2) {
             return Ok(if changed {
                 Merged::Changed
             } else {
@@ -154,7 +154,7 @@ fn enter_life(
 ) -> Result<bool> {
     let key_params = || params_from_iter(key_values.iter());
     let exists = base_exists(conn, table, key_values)?;
-    let changed = if cl % 2 == 0 {
+    let changed = if cl.is_multiple_of(2) {
         exists
             && conn
                 .prepare_cached(&table.sql.base_delete)?
@@ -201,11 +201,10 @@ fn merge_cell(
         position,
         value,
     } = *cell;
-    if let Some(local) = clock::clock_get(conn, table, pk, position)? {
-        if !later(books, stamp, (local.ts, local.site, local.seq)) {
+    if let Some(local) = clock::clock_get(conn, table, pk, position)?
+        && !later(books, stamp, (local.ts, local.site, local.seq)) {
             return Ok(false);
         }
-    }
     clock::clock_set(conn, table, pk, position, life.cl, stamp)?;
     let current: Option<Value> = conn
         .prepare_cached(&table.sql.base_select)?

@@ -61,7 +61,7 @@ impl Partial {
     }
 
     fn decode_have(bytes: &[u8]) -> Result<RangeInclusiveSet<u32>> {
-        if bytes.len() % 8 != 0 {
+        if !bytes.len().is_multiple_of(8) {
             return Err(StoreError::Corrupt(
                 "partial seq ranges have a torn length".into(),
             ));

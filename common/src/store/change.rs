@@ -166,8 +166,8 @@ impl Changeset {
         while let Some(change) = changes.next() {
             size += change.size_hint();
             current.push(change);
-            if size >= bytes_max {
-                if let Some(next) = changes.peek() {
+            if size >= bytes_max
+                && let Some(next) = changes.peek() {
                     let last = next.seq - 1;
                     chunks.push(Changeset {
                         site: self.site,
@@ -181,7 +181,6 @@ impl Changeset {
                     first = last + 1;
                     size = 0;
                 }
-            }
         }
         chunks.push(Changeset {
             site: self.site,

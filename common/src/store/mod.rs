@@ -330,11 +330,10 @@ impl Drop for Inner {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
+        if let Some(handle) = handle
+            && handle.join().is_err() {
                 tracing::error!("store writer thread panicked");
             }
-        }
         let checkpointer = self
             .checkpointer
             .lock()

@@ -781,9 +781,7 @@ fn table_from_ast(create: &CreateTable) -> Result<TableDef, StoreError> {
     }
     let without_rowid = create
         .sqlite_table_options
-        .options
-        .iter()
-        .any(|o| *o == SqliteTableOption::WithoutRowid);
+        .options.contains(&SqliteTableOption::WithoutRowid);
     for key in &key_columns {
         let declared = key_types
             .get(&key.to_lowercase())
@@ -960,6 +958,9 @@ pub(crate) fn quote(ident: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A schema, the column a refusal should name, and a check of its reason.
+    type Case = (&'static str, Option<&'static str>, fn(&Refusal) -> bool);
+
     fn refused(sql: &str) -> SchemaRefusal {
         match Schema::parse(sql) {
             Err(StoreError::SchemaRefused(refusal)) => refusal,
@@ -1002,7 +1003,7 @@ mod tests {
 
     #[test]
     fn each_refused_construct_names_table_column_and_reason() {
-        let cases: Vec<(&str, Option<&str>, fn(&Refusal) -> bool)> = vec![
+        let cases: Vec<Case> = vec![
             ("CREATE TABLE t (a TEXT, b TEXT)", None, |r| {
                 *r == Refusal::NoPrimaryKey
             }),
@@ -1180,7 +1181,7 @@ mod tests {
     #[test]
     fn destructive_changes_are_refused_with_table_column_and_reason() {
         let base = "CREATE TABLE t (id TEXT PRIMARY KEY, a INT DEFAULT 1, b TEXT)";
-        let cases: Vec<(&str, Option<&str>, fn(&Refusal) -> bool)> = vec![
+        let cases: Vec<Case> = vec![
             ("CREATE TABLE u (id TEXT PRIMARY KEY)", None, |r| {
                 *r == Refusal::TableRemoved
             }),

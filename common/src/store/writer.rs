@@ -152,8 +152,8 @@ impl Writer {
             match request {
                 Request::Transact { statements, reply } => {
                     let result = self.transact(&statements, wall_ms, alone);
-                    if let Ok(committed) = &result {
-                        if let Some(changeset) = &committed.changeset {
+                    if let Ok(committed) = &result
+                        && let Some(changeset) = &committed.changeset {
                             touched.insert(self.shared.ord);
                             event.local.push(Arc::clone(changeset));
                             for change in &changeset.changes {
@@ -162,7 +162,6 @@ impl Writer {
                                     .push((change.table.clone(), change.pk.clone()));
                             }
                         }
-                    }
                     done.push(Done::Transact(reply, (result, statements)));
                 }
                 Request::Apply { changesets, reply } => {
@@ -734,13 +733,13 @@ impl Writer {
             .iter()
             .map(|(name, t)| (name.clone(), t.tid))
             .collect();
-        let mut next_tid = tids.values().copied().max().unwrap_or(0) + 1;
-        for table in &plan.new_tables {
+        // Table ids are never reused, so metadata of one table never lands in another's.
+        let first_tid = tids.values().copied().max().unwrap_or(0) + 1;
+        for (tid, table) in (first_tid..).zip(&plan.new_tables) {
             self.conn
                 .execute_batch(table.ddl())
                 .map_err(|err| refused(table.name(), None, err))?;
-            tids.insert(table.name().to_owned(), next_tid);
-            next_tid += 1;
+            tids.insert(table.name().to_owned(), tid);
             report.tables_created.push(table.name().to_owned());
         }
         for (table, column) in &plan.new_columns {

@@ -202,9 +202,10 @@ fn merge_cell(
         value,
     } = *cell;
     if let Some(local) = clock::clock_get(conn, table, pk, position)?
-        && !later(books, stamp, (local.ts, local.site, local.seq)) {
-            return Ok(false);
-        }
+        && !later(books, stamp, (local.ts, local.site, local.seq))
+    {
+        return Ok(false);
+    }
     clock::clock_set(conn, table, pk, position, life.cl, stamp)?;
     let current: Option<Value> = conn
         .prepare_cached(&table.sql.base_select)?

@@ -167,20 +167,21 @@ impl Changeset {
             size += change.size_hint();
             current.push(change);
             if size >= bytes_max
-                && let Some(next) = changes.peek() {
-                    let last = next.seq - 1;
-                    chunks.push(Changeset {
-                        site: self.site,
-                        version: self.version,
-                        ts: self.ts,
-                        seq_first: first,
-                        seq_last: last,
-                        last_seq: self.last_seq,
-                        changes: std::mem::take(&mut current),
-                    });
-                    first = last + 1;
-                    size = 0;
-                }
+                && let Some(next) = changes.peek()
+            {
+                let last = next.seq - 1;
+                chunks.push(Changeset {
+                    site: self.site,
+                    version: self.version,
+                    ts: self.ts,
+                    seq_first: first,
+                    seq_last: last,
+                    last_seq: self.last_seq,
+                    changes: std::mem::take(&mut current),
+                });
+                first = last + 1;
+                size = 0;
+            }
         }
         chunks.push(Changeset {
             site: self.site,

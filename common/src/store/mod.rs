@@ -331,9 +331,10 @@ impl Drop for Inner {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(handle) = handle
-            && handle.join().is_err() {
-                tracing::error!("store writer thread panicked");
-            }
+            && handle.join().is_err()
+        {
+            tracing::error!("store writer thread panicked");
+        }
         let checkpointer = self
             .checkpointer
             .lock()

@@ -781,7 +781,8 @@ fn table_from_ast(create: &CreateTable) -> Result<TableDef, StoreError> {
     }
     let without_rowid = create
         .sqlite_table_options
-        .options.contains(&SqliteTableOption::WithoutRowid);
+        .options
+        .contains(&SqliteTableOption::WithoutRowid);
     for key in &key_columns {
         let declared = key_types
             .get(&key.to_lowercase())

@@ -153,15 +153,16 @@ impl Writer {
                 Request::Transact { statements, reply } => {
                     let result = self.transact(&statements, wall_ms, alone);
                     if let Ok(committed) = &result
-                        && let Some(changeset) = &committed.changeset {
-                            touched.insert(self.shared.ord);
-                            event.local.push(Arc::clone(changeset));
-                            for change in &changeset.changes {
-                                event
-                                    .changed
-                                    .push((change.table.clone(), change.pk.clone()));
-                            }
+                        && let Some(changeset) = &committed.changeset
+                    {
+                        touched.insert(self.shared.ord);
+                        event.local.push(Arc::clone(changeset));
+                        for change in &changeset.changes {
+                            event
+                                .changed
+                                .push((change.table.clone(), change.pk.clone()));
                         }
+                    }
                     done.push(Done::Transact(reply, (result, statements)));
                 }
                 Request::Apply { changesets, reply } => {

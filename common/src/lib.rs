@@ -1,2 +1,5 @@
-//! What both Strata tiers share.
+//! What both Strata tiers share: the replicated store, the cluster machinery, the transport, the
+//! API and the client.
+
 pub mod store;
+pub mod transport;

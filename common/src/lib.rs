@@ -1,5 +1,6 @@
 //! What both Strata tiers share: the replicated store, the cluster machinery, the transport, the
 //! API and the client.
 
+pub mod cluster;
 pub mod store;
 pub mod transport;

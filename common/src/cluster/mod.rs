@@ -1,0 +1,24 @@
+//! The cluster machinery both tiers run: membership (SWIM, via foca), broadcast of local changes,
+//! and anti-entropy sync — as plain state machines ([`Core`]) with a thin tokio driver.
+//!
+//! Follow one write: the store commits a local version and publishes a commit event; the driver
+//! hands it to the core, which emits one `Send` per live member (`broadcast`); each send is one
+//! QUIC uni stream carrying a [`message::Changes`] frame. On the receiving node the driver reads
+//! the frame and hands it to the core, which drops what it already holds and emits `Apply`; the
+//! driver's apply worker batches those into the store. Whatever a broadcast misses, the next
+//! anti-entropy round (`sync`) fetches.
+//!
+//! Left out on purpose: an eager/lazy tree (Plumtree). Regional clusters are small enough that
+//! the origin pushing to every member is near the physical optimum (one hop, one copy each);
+//! see `broadcast` for the measurement that chose it.
+
+pub mod broadcast;
+pub mod core;
+pub mod membership;
+pub mod message;
+pub mod sync;
+
+pub use self::broadcast::Strategy;
+pub use self::core::{Action, ClusterConfig, Core, Input, Replica, Timer};
+pub use self::membership::{Member, MemberEvent, MembershipConfig};
+pub use self::sync::SyncConfig;

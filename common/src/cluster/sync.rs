@@ -1,0 +1,295 @@
+//! Anti-entropy: periodically, with a few random members, compare bookkeeping and fetch what is
+//! missing. Broadcast is fast but can lose a change (a member down, a full queue, a partition);
+//! anti-entropy makes every member hold every version eventually, and is how a new node catches
+//! up.
+//!
+//! A session: the client sends its per-site heads and gaps; the server computes the versions it
+//! holds that the client lacks ([`missing`]) and streams them newest first in bounded chunks,
+//! up to a budget per session, then says whether it sent everything. If not, the client asks
+//! again at once, so a fresh node streams the whole region back to back.
+//!
+//! No I/O: the scheduler emits `Sync` actions; the session itself is run by the driver (or the
+//! simulator) with the functions here.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use rand::RngExt;
+use rand::rngs::StdRng;
+use rand::seq::IteratorRandom;
+use rangemap::RangeInclusiveSet;
+use serde::{Deserialize, Serialize};
+
+use super::core::{Action, Timer};
+use crate::store::{SiteId, SiteState};
+
+/// Anti-entropy settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// Time between sync rounds, ms (jittered by up to half).
+    pub interval_ms: u64,
+    /// Members synced with per round.
+    pub peers: usize,
+    /// Sessions this node runs as a client at most at once.
+    pub sessions_max: usize,
+    /// Sessions this node serves at most at once; beyond it, clients are told to come back.
+    pub serve_max: usize,
+    /// Versions one session serves at most before the client must ask again.
+    pub session_versions_max: u64,
+    /// Bytes one sync frame carries at most (about).
+    pub frame_bytes_max: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            // A lost broadcast is repaired within about a second.
+            interval_ms: 1_000,
+            peers: 2,
+            sessions_max: 4,
+            serve_max: 8,
+            // Bounds one session's memory and time on the server; large enough that a fresh
+            // node catching up pays few round trips.
+            session_versions_max: 20_000,
+            frame_bytes_max: 1 << 20,
+        }
+    }
+}
+
+/// Versions of each site that `ours` holds and `theirs` lacks, as ranges, newest first per site.
+/// A version `theirs` holds only in part counts as lacking (it is served whole).
+pub fn missing(ours: &[SiteState], theirs: &[SiteState]) -> Vec<(SiteId, RangeInclusive<u64>)> {
+    let theirs: HashMap<SiteId, &SiteState> = theirs.iter().map(|s| (s.site, s)).collect();
+    let mut out = Vec::new();
+    for mine in ours {
+        let mut lack: RangeInclusiveSet<u64> = RangeInclusiveSet::new();
+        match theirs.get(&mine.site) {
+            None => {
+                if mine.head > 0 {
+                    lack.insert(1..=mine.head);
+                }
+            }
+            Some(other) => {
+                if mine.head > other.head {
+                    lack.insert(other.head + 1..=mine.head);
+                }
+                for gap in &other.gaps {
+                    lack.insert(gap.clone());
+                }
+                for &partial in &other.partials {
+                    lack.insert(partial..=partial);
+                }
+            }
+        }
+        // Only what we hold ourselves can be served.
+        for gap in &mine.gaps {
+            lack.remove(gap.clone());
+        }
+        for &partial in &mine.partials {
+            lack.remove(partial..=partial);
+        }
+        let held: Vec<RangeInclusive<u64>> = lack
+            .iter()
+            .filter(|r| *r.start() <= mine.head)
+            .map(|r| *r.start()..=(*r.end()).min(mine.head))
+            .collect();
+        for range in held.into_iter().rev() {
+            out.push((mine.site, range));
+        }
+    }
+    out
+}
+
+/// Cuts `missing` ranges to at most `budget` versions in all, keeping the newest, and splits them
+/// into windows of at most `window` versions (one extraction each).
+pub fn plan(
+    missing: &[(SiteId, RangeInclusive<u64>)],
+    budget: u64,
+    window: u64,
+) -> (Vec<(SiteId, RangeInclusive<u64>)>, bool) {
+    let mut left = budget;
+    let mut out = Vec::new();
+    let mut complete = true;
+    for (site, range) in missing {
+        let mut hi = *range.end();
+        let lo = *range.start();
+        while hi >= lo {
+            if left == 0 {
+                complete = false;
+                return (out, complete);
+            }
+            let take = (hi - lo + 1).min(window).min(left);
+            let start = hi + 1 - take;
+            out.push((*site, start..=hi));
+            left -= take;
+            if start == lo || start == 0 {
+                break;
+            }
+            hi = start - 1;
+        }
+    }
+    (out, complete)
+}
+
+/// The anti-entropy scheduler: when to sync, and with whom.
+pub struct AntiEntropy {
+    config: SyncConfig,
+    /// Peers with a client session under way.
+    running: BTreeSet<SocketAddr>,
+    /// Whether a session has completed without finding anything more to fetch.
+    caught_up: bool,
+}
+
+impl AntiEntropy {
+    /// A scheduler with the given settings.
+    pub fn new(config: SyncConfig) -> AntiEntropy {
+        AntiEntropy {
+            config,
+            running: BTreeSet::new(),
+            caught_up: false,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SyncConfig {
+        &self.config
+    }
+
+    /// Whether this node has completed a session that found it held everything its peer did.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up
+    }
+
+    /// Sessions under way.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Starts the periodic rounds.
+    pub fn start(&mut self, rng: &mut StdRng, out: &mut Vec<Action>) {
+        self.schedule(rng, out);
+    }
+
+    /// A round: sync with a few random live members.
+    pub fn tick<'a>(
+        &mut self,
+        live: impl Iterator<Item = &'a SocketAddr>,
+        rng: &mut StdRng,
+        out: &mut Vec<Action>,
+    ) {
+        let room = self.config.sessions_max.saturating_sub(self.running.len());
+        let wanted = self.config.peers.min(room);
+        let candidates = live
+            .filter(|peer| !self.running.contains(peer))
+            .copied()
+            .sample(rng, wanted);
+        for peer in candidates {
+            self.start_session(peer, out);
+        }
+        self.schedule(rng, out);
+    }
+
+    /// A member came up: a node that has not caught up syncs with it at once instead of waiting
+    /// for the next round.
+    pub fn member_up(&mut self, peer: SocketAddr, out: &mut Vec<Action>) {
+        if !self.caught_up && self.running.is_empty() {
+            self.start_session(peer, out);
+        }
+    }
+
+    /// A session ended. `complete`: the server sent everything we lacked. `failed`: it did not
+    /// finish (the peer is busy, gone or sent garbage).
+    pub fn finished(
+        &mut self,
+        peer: SocketAddr,
+        complete: bool,
+        failed: bool,
+        out: &mut Vec<Action>,
+    ) {
+        self.running.remove(&peer);
+        if failed {
+            return;
+        }
+        if complete {
+            self.caught_up = true;
+        } else {
+            // The server stopped at its budget: continue with it at once.
+            self.start_session(peer, out);
+        }
+    }
+
+    fn start_session(&mut self, peer: SocketAddr, out: &mut Vec<Action>) {
+        if self.running.len() < self.config.sessions_max && self.running.insert(peer) {
+            out.push(Action::Sync { peer });
+        }
+    }
+
+    fn schedule(&self, rng: &mut StdRng, out: &mut Vec<Action>) {
+        let interval = self.config.interval_ms.max(1);
+        let jitter = rng.random_range(0..=interval / 2);
+        out.push(Action::Schedule {
+            after: Duration::from_millis(interval / 2 + jitter + interval / 4),
+            timer: Timer::SyncRound,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(site: u8, head: u64, gaps: Vec<RangeInclusive<u64>>, partials: Vec<u64>) -> SiteState {
+        SiteState {
+            site: SiteId([site; 16]),
+            head,
+            gaps,
+            partials,
+        }
+    }
+
+    #[test]
+    fn missing_is_what_we_hold_and_they_lack_newest_first() {
+        let ours = vec![
+            state(1, 10, vec![4..=4], vec![]),
+            state(2, 3, vec![], vec![]),
+        ];
+        let theirs = vec![state(1, 6, vec![2..=3], vec![5])];
+        let got = missing(&ours, &theirs);
+        assert_eq!(
+            got,
+            vec![
+                (SiteId([1; 16]), 7..=10),
+                (SiteId([1; 16]), 5..=5),
+                (SiteId([1; 16]), 2..=3),
+                (SiteId([2; 16]), 1..=3),
+            ]
+        );
+    }
+
+    #[test]
+    fn nothing_is_missing_between_equals() {
+        let both = vec![state(1, 10, vec![4..=5], vec![7])];
+        assert!(missing(&both, &both).is_empty());
+    }
+
+    #[test]
+    fn plans_respect_the_budget_and_windows_newest_first() {
+        let missing = vec![(SiteId([1; 16]), 1..=10), (SiteId([2; 16]), 5..=6)];
+        let (windows, complete) = plan(&missing, 7, 3);
+        assert!(!complete);
+        assert_eq!(
+            windows,
+            vec![
+                (SiteId([1; 16]), 8..=10),
+                (SiteId([1; 16]), 5..=7),
+                (SiteId([1; 16]), 4..=4)
+            ]
+        );
+        let (windows, complete) = plan(&missing, 100, 100);
+        assert!(complete);
+        assert_eq!(windows.len(), 2);
+    }
+}

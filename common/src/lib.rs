@@ -2,5 +2,6 @@
 //! API and the client.
 
 pub mod cluster;
+pub mod config;
 pub mod store;
 pub mod transport;

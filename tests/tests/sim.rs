@@ -1,6 +1,6 @@
 //! The cluster cores in the deterministic simulator: membership forms, every node receives every
 //! change, with loss and with a partition that heals. Each test prints its seed on failure;
-//! `STRATA_SIM_SEED` replays one.
+//! `SIM_SEED` replays one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +10,7 @@ use strata_common::cluster::ClusterConfig;
 use strata_tests::sim::{NetConfig, Sim};
 
 fn seed() -> u64 {
-    std::env::var("STRATA_SIM_SEED")
+    std::env::var("SIM_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_0001)

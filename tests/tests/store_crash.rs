@@ -4,7 +4,7 @@
 //! fully applied and no version it lacks is partly visible; every version the child reported is
 //! still held with the content it had; and the site's version counter continues after every
 //! number it reported, so a number a peer may have seen is never reused for other content.
-//! Rounds: `STRATA_CRASH_ROUNDS` (default 12).
+//! Rounds: `CRASH_ROUNDS` (default 12).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -111,7 +111,7 @@ fn verify(path: &std::path::Path, reported: &Reported, round: usize) {
 
 #[test]
 fn a_store_killed_at_random_moments_keeps_whole_versions_and_never_reuses_a_version() {
-    let rounds: usize = std::env::var("STRATA_CRASH_ROUNDS")
+    let rounds: usize = std::env::var("CRASH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(12);

@@ -1,2 +1,49 @@
-//! QUIC transport between the nodes of one cluster: one quinn endpoint per node, mTLS against the
-//! cluster's CA, and length-prefixed, versioned frames. (Being written.)
+//! QUIC transport between the nodes of one cluster: one quinn endpoint per node, mutual TLS
+//! against the cluster's CA, and length-prefixed, versioned frames.
+//!
+//! What it owns:
+//!
+//! - `tls`: node identities ([`PeerIdentity`]: node, [`Tier`], region) as certificates carry
+//!   them, and the rustls/quinn configurations that refuse any peer of another CA, tier or
+//!   region during the handshake. It also builds rustls configurations for the gRPC API on the
+//!   same CA.
+//! - `certs`: development CA and node certificates (rcgen), for `regiond tls ...` /
+//!   `globald tls ...`.
+//! - `frame`: the pure frame codec (`[u32 length][u8 version][u8 kind][payload]` on streams,
+//!   `[u8 version][u8 kind][payload]` in datagrams) and async helpers over quinn streams.
+//! - `endpoint`: [`Transport`], one UDP socket that both accepts and dials, with a cache of
+//!   live connections by peer address, single-flight dials, a connect timeout, counters
+//!   ([`TransportStats`]) and a bounded shutdown.
+//!
+//! How the cluster uses it: datagrams carry SWIM, uni streams carry change broadcasts, bi
+//! streams carry sync. The frame kinds belong to the cluster layer; this module never reads a
+//! payload.
+//!
+//! What it must not do: cluster logic (membership, broadcast, sync), SQL, or anything
+//! process-wide. It installs no global rustls provider: every configuration here names ring
+//! explicitly. Binaries still call `rustls::crypto::ring::default_provider().install_default()`
+//! first thing in `main` (ignoring the error if one is already installed), because tonic's TLS
+//! server builds its configuration with the process default.
+//!
+//! Errors: one enum, [`TransportError`]; the codec's own [`FrameError`] converts into it.
+
+mod certs;
+mod endpoint;
+mod error;
+mod frame;
+mod tls;
+
+pub use certs::{CertPair, generate_ca, generate_node};
+pub use endpoint::{Conn, Direction, Transport, TransportOptions, TransportStats};
+pub use error::TransportError;
+pub use frame::{
+    DATAGRAM_HEADER_LEN, FRAME_HEADER_LEN, FRAME_VERSION, Frame, FrameError, decode,
+    decode_datagram, encode, encode_datagram, read_frame, write_frame,
+};
+pub use tls::{ALPN_QUIC, PeerIdentity, Tier, TlsConfig, identity_from_der, peer_identity};
+
+/// Shorthand for results of this module.
+pub type Result<T, E = TransportError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests;

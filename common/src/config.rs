@@ -1,0 +1,371 @@
+//! Node configuration: a TOML file plus `STRATA_<SECTION>__<KEY>` environment overrides
+//! (figment). Every key has a default here, documented in `deploy/regiond.toml`; an unknown key
+//! or a value of the wrong type is an error that names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::ClusterConfig;
+use crate::store::{Durability, StoreOptions};
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named on the command line does not exist.
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    /// A key is unknown, or its value has the wrong type (figment names the key).
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// A required key is unset.
+    #[error("configuration key {0} is required")]
+    Required(&'static str),
+}
+
+/// Everything a node is configured with.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Who this node is.
+    pub node: NodeSection,
+    /// The local database.
+    pub store: StoreSection,
+    /// The gossip (QUIC) endpoint.
+    pub gossip: GossipSection,
+    /// Membership, broadcast and anti-entropy tuning.
+    pub cluster: ClusterConfig,
+    /// The gRPC API.
+    pub api: ApiSection,
+    /// The admin HTTP listener (metrics, health).
+    pub admin: AdminSection,
+    /// Logging.
+    pub log: LogSection,
+    /// The event-loop watchdog.
+    pub watchdog: WatchdogSection,
+}
+
+/// Who this node is.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// The node's name (required; must match its certificate).
+    pub name: String,
+    /// The node's region, or the global cluster's name (required; must match its certificate).
+    pub region: String,
+    /// Where the node keeps its data.
+    pub data_dir: PathBuf,
+}
+
+/// The local database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// The database file (default: `<data_dir>/strata.sqlite`).
+    pub path: Option<PathBuf>,
+    /// Schema files, applied in order at start (default: the binary's built-in schema).
+    pub schema: Vec<PathBuf>,
+    /// Reader connections.
+    pub readers: usize,
+    /// Page cache of the writer, MiB.
+    pub writer_cache_mib: u32,
+    /// Page cache of each reader, MiB.
+    pub reader_cache_mib: u32,
+    /// `normal` (survives process crashes; a power loss may lose the last commits, and the node
+    /// then writes under a new site id) or `full` (fsync per commit).
+    pub durability: Durability,
+    /// Cells one transaction may change.
+    pub cells_max: usize,
+    /// Statements one transaction may hold.
+    pub statements_max: usize,
+    /// Target size of a changeset chunk on the wire, bytes.
+    pub chunk_bytes: usize,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        let store = StoreOptions::default();
+        StoreSection {
+            path: None,
+            schema: Vec::new(),
+            readers: store.readers,
+            writer_cache_mib: (store.writer_cache_kib / 1024) as u32,
+            reader_cache_mib: (store.reader_cache_kib / 1024) as u32,
+            durability: store.durability,
+            cells_max: store.cells_max,
+            statements_max: store.statements_max,
+            chunk_bytes: store.chunk_bytes,
+        }
+    }
+}
+
+/// The gossip (QUIC) endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipSection {
+    /// UDP address to listen on; also this node's address in the cluster.
+    pub listen: SocketAddr,
+    /// Addresses of nodes to join through (`host:port`).
+    pub bootstrap: Vec<String>,
+    /// mTLS files.
+    pub tls: TlsSection,
+}
+
+impl Default for GossipSection {
+    fn default() -> Self {
+        GossipSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7100)),
+            bootstrap: Vec::new(),
+            tls: TlsSection::default(),
+        }
+    }
+}
+
+/// A CA certificate, this node's certificate and its key (PEM files).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// The cluster's CA certificate.
+    pub ca: PathBuf,
+    /// This node's certificate (chain).
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+}
+
+/// The gRPC API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Serve TLS with these files, requiring client certificates from the same CA; plaintext
+    /// when unset (fine on loopback or a host-local socket).
+    pub tls: Option<TlsSection>,
+    /// Largest request, bytes; larger ones get RESOURCE_EXHAUSTED.
+    pub request_bytes_max: usize,
+    /// Requests handled at once; more wait (bounded by gRPC flow control).
+    pub concurrency_max: usize,
+    /// Rows per streamed query message.
+    pub query_batch_rows: usize,
+    /// Subscriptions served at once.
+    pub subscriptions_max: usize,
+    /// Events buffered per subscriber; one that falls further behind is cut off.
+    pub subscriber_buffer: usize,
+    /// Changes a subscription keeps for subscribers resuming from a change id.
+    pub subscription_history: usize,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7200)),
+            tls: None,
+            request_bytes_max: 4 << 20,
+            concurrency_max: 256,
+            query_batch_rows: 256,
+            subscriptions_max: 1024,
+            subscriber_buffer: 1024,
+            subscription_history: 1024,
+        }
+    }
+}
+
+/// The admin HTTP listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Address to listen on for `/metrics`, `/healthz` and `/readyz`.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7300)),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `strata_common=debug,info`, ...); `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The event-loop watchdog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogSection {
+    /// Exit the process when the async runtime has not turned for this long, ms.
+    pub stall_ms: u64,
+}
+
+impl Default for WatchdogSection {
+    fn default() -> Self {
+        WatchdogSection { stall_ms: 10_000 }
+    }
+}
+
+impl NodeConfig {
+    /// Loads defaults, then `path` (if given), then `STRATA_*` environment overrides, and checks
+    /// required keys.
+    pub fn load(path: Option<&Path>) -> Result<NodeConfig, ConfigError> {
+        Self::load_with(path, Env::prefixed("STRATA_").split("__"))
+    }
+
+    /// [`NodeConfig::load`] with an explicit environment provider (tests use a fixed one).
+    pub fn load_with(path: Option<&Path>, env: Env) -> Result<NodeConfig, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(NodeConfig::default()));
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError::Missing(path.to_owned()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: NodeConfig = figment
+            .merge(env)
+            .extract()
+            .map_err(|err| ConfigError::Invalid(err.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document (no file, no environment).
+    pub fn from_toml(toml: &str) -> Result<NodeConfig, ConfigError> {
+        let config: NodeConfig = Figment::from(Serialized::defaults(NodeConfig::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .map_err(|err| ConfigError::Invalid(err.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.name.is_empty() {
+            return Err(ConfigError::Required("node.name"));
+        }
+        if self.node.region.is_empty() {
+            return Err(ConfigError::Required("node.region"));
+        }
+        Ok(())
+    }
+
+    /// The database file.
+    pub fn store_path(&self) -> PathBuf {
+        self.store
+            .path
+            .clone()
+            .unwrap_or_else(|| self.node.data_dir.join("strata.sqlite"))
+    }
+
+    /// Store options from this configuration.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            readers: self.store.readers,
+            writer_cache_kib: i64::from(self.store.writer_cache_mib) * 1024,
+            reader_cache_kib: i64::from(self.store.reader_cache_mib) * 1024,
+            durability: self.store.durability,
+            cells_max: self.store.cells_max,
+            statements_max: self.store.statements_max,
+            chunk_bytes: self.store.chunk_bytes,
+            ..StoreOptions::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[node]\nname = \"ams-1\"\nregion = \"ams\"\n";
+
+    #[test]
+    fn defaults_fill_everything_but_name_and_region() {
+        let config = NodeConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!(config.node.name, "ams-1");
+        assert_eq!(config.api, ApiSection::default());
+        assert_eq!(config.cluster, ClusterConfig::default());
+        assert!(matches!(
+            NodeConfig::from_toml(""),
+            Err(ConfigError::Required("node.name"))
+        ));
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it() {
+        let err = NodeConfig::from_toml(&format!("{MINIMAL}[api]\nlisten_port = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("listen_port"), "{err}");
+        let err = NodeConfig::from_toml(&format!("{MINIMAL}[nonsense]\nx = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_is_an_error_naming_the_key() {
+        let err =
+            NodeConfig::from_toml(&format!("{MINIMAL}[gossip]\nlisten = \"not an address\"\n"))
+                .unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+        let err = NodeConfig::from_toml(&format!("{MINIMAL}[store]\ndurability = \"maybe\"\n"))
+            .unwrap_err();
+        assert!(err.to_string().contains("durability"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("node.toml", MINIMAL)?;
+            jail.set_env("STRATA_NODE__NAME", "ams-2");
+            jail.set_env("STRATA_CLUSTER__SYNC__INTERVAL_MS", "250");
+            let config = NodeConfig::load(Some(Path::new("node.toml")))
+                .map_err(|e| figment::Error::from(e.to_string()))?;
+            assert_eq!(config.node.name, "ams-2");
+            assert_eq!(config.cluster.sync.interval_ms, 250);
+            jail.set_env("STRATA_API__NOPE", "1");
+            let err = NodeConfig::load(Some(Path::new("node.toml"))).unwrap_err();
+            assert!(err.to_string().contains("nope"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_example_config_in_deploy_is_valid_and_matches_the_defaults() {
+        let example = include_str!("../../deploy/regiond.toml");
+        let config = NodeConfig::from_toml(example).unwrap();
+        let mut defaults = NodeConfig::default();
+        defaults.node = config.node.clone();
+        defaults.gossip.bootstrap = config.gossip.bootstrap.clone();
+        defaults.gossip.tls = config.gossip.tls.clone();
+        defaults.store.schema = config.store.schema.clone();
+        assert_eq!(
+            config, defaults,
+            "deploy/regiond.toml documents every default as it is"
+        );
+    }
+}

@@ -1,0 +1,657 @@
+//! End-to-end tests of the transport on loopback: real endpoints, real handshakes.
+//!
+//! Every test binds to port 0 and waits for conditions with a deadline, never for a fixed time.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+
+/// Generous: loopback handshakes take milliseconds, but CI machines are slow and busy.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+
+fn node_tls(ca: &CertPair, node: &str, tier: Tier, region: &str) -> TlsConfig {
+    let identity = PeerIdentity::new(node, tier, region).unwrap();
+    let pair = generate_node(ca, &identity, &[], &[]).unwrap();
+    TlsConfig::from_pem(&ca.cert_pem, &pair.cert_pem, &pair.key_pem).unwrap()
+}
+
+fn bind(tls: TlsConfig) -> Transport {
+    Transport::bind(LOOPBACK, tls, TransportOptions::default()).unwrap()
+}
+
+/// Two nodes of one regional cluster (`iad`) and their CA.
+fn cluster_pair() -> (CertPair, Transport, Transport) {
+    let ca = generate_ca("test regional iad").unwrap();
+    let a = bind(node_tls(&ca, "a", Tier::Regional, "iad"));
+    let b = bind(node_tls(&ca, "b", Tier::Regional, "iad"));
+    (ca, a, b)
+}
+
+/// Awaits `fut`, failing the test with `what` if it takes longer than [`DEADLINE`].
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+    }
+}
+
+/// Polls `cond` until it holds, failing with `what` and the last value seen after [`DEADLINE`].
+async fn wait_until<T: std::fmt::Debug>(
+    what: &str,
+    mut probe: impl FnMut() -> T,
+    cond: impl Fn(&T) -> bool,
+) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let seen = probe();
+        if cond(&seen) {
+            return;
+        }
+        if start.elapsed() > DEADLINE {
+            panic!("timed out waiting for {what}; last seen: {seen:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sends datagrams until one arrives (datagrams are unreliable, so one send proves nothing).
+async fn datagram_gets_through(from: &Conn, to: &Conn, kind: u8, payload: &[u8]) {
+    let datagram = encode_datagram(kind, payload);
+    within("a datagram", async {
+        loop {
+            from.send_datagram(datagram.clone()).unwrap();
+            if let Ok(got) =
+                tokio::time::timeout(Duration::from_millis(200), to.read_datagram()).await
+            {
+                let got = got.unwrap();
+                assert_eq!(decode_datagram(&got).unwrap(), (kind, payload));
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_nodes_exchange_datagrams_and_streams_both_ways() {
+    let (_ca, a, b) = cluster_pair();
+
+    // a dials b.
+    let ab = within("a connects", a.connect(b.local_addr()))
+        .await
+        .unwrap();
+    assert_eq!(ab.peer(), b.identity());
+    assert_eq!(ab.direction(), Direction::Outgoing);
+    assert_eq!(ab.remote_addr(), b.local_addr());
+    assert_eq!(peer_identity(ab.connection()).as_ref(), Some(b.identity()));
+    assert!(ab.max_datagram_size().unwrap() >= 1000);
+
+    // b accepts it; a's accept also yields the connection it dialed.
+    let ba = within("b accepts", b.accept()).await.unwrap();
+    assert_eq!(ba.peer(), a.identity());
+    assert_eq!(ba.direction(), Direction::Incoming);
+    assert_eq!(
+        ba.remote_addr(),
+        a.local_addr(),
+        "peers dial from their listening socket"
+    );
+    let ab_accepted = within("a's accept yields its dial", a.accept())
+        .await
+        .unwrap();
+    assert_eq!(ab_accepted.stable_id(), ab.stable_id());
+
+    // b dialing a reuses the connection a opened.
+    let ba_again = within("b connects", b.connect(a.local_addr()))
+        .await
+        .unwrap();
+    assert_eq!(ba_again.stable_id(), ba.stable_id());
+
+    // Datagrams both ways.
+    datagram_gets_through(&ab, &ba, 7, b"ping").await;
+    datagram_gets_through(&ba, &ab, 8, b"pong").await;
+
+    // A uni stream a -> b with two frames, then a clean end.
+    let mut send = ab.open_uni().await.unwrap();
+    write_frame(&mut send, &Frame::new(1, &b"change 1"[..]))
+        .await
+        .unwrap();
+    write_frame(&mut send, &Frame::new(1, Bytes::new()))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let mut recv = within("b accepts a uni stream", ba.accept_uni())
+        .await
+        .unwrap();
+    assert_eq!(
+        read_frame(&mut recv, 1024).await.unwrap(),
+        Some(Frame::new(1, &b"change 1"[..]))
+    );
+    assert_eq!(
+        read_frame(&mut recv, 1024).await.unwrap(),
+        Some(Frame::new(1, Bytes::new()))
+    );
+    assert_eq!(read_frame(&mut recv, 1024).await.unwrap(), None);
+
+    // A bi stream b -> a on the connection a dialed: request, response.
+    let (mut req_send, mut resp_recv) = ba.open_bi().await.unwrap();
+    write_frame(&mut req_send, &Frame::new(2, &b"heads?"[..]))
+        .await
+        .unwrap();
+    req_send.finish().unwrap();
+    let (mut resp_send, mut req_recv) = within("a accepts a bi stream", ab.accept_bi())
+        .await
+        .unwrap();
+    let request = read_frame(&mut req_recv, 1024).await.unwrap().unwrap();
+    assert_eq!(request, Frame::new(2, &b"heads?"[..]));
+    write_frame(&mut resp_send, &Frame::new(3, &b"heads: 42"[..]))
+        .await
+        .unwrap();
+    resp_send.finish().unwrap();
+    let response = within("the response", read_frame(&mut resp_recv, 1024))
+        .await
+        .unwrap();
+    assert_eq!(response, Some(Frame::new(3, &b"heads: 42"[..])));
+
+    let sa = a.stats();
+    assert_eq!(sa.connections_open, 1, "{sa:?}");
+    assert_eq!(sa.connections_dialed_total, 1, "{sa:?}");
+    assert_eq!(sa.connections_accepted_total, 0, "{sa:?}");
+    assert!(
+        sa.datagrams_sent_total >= 1 && sa.datagrams_received_total >= 1,
+        "{sa:?}"
+    );
+    assert_eq!(
+        (sa.streams_opened_total, sa.streams_accepted_total),
+        (1, 1),
+        "{sa:?}"
+    );
+    assert!(
+        sa.bytes_sent_total > 0 && sa.bytes_received_total > 0,
+        "{sa:?}"
+    );
+    let sb = b.stats();
+    assert_eq!(sb.connections_accepted_total, 1, "{sb:?}");
+    assert_eq!(sb.connections_dialed_total, 0, "{sb:?}");
+    assert_eq!(sb.handshakes_failed_total, 0, "{sb:?}");
+
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A node with a certificate from another CA fails whichever side dials, and the good node's
+/// accept never yields it.
+#[tokio::test]
+async fn peer_of_another_ca_fails_both_directions() {
+    let (_ca, a, b) = cluster_pair();
+    let other_ca = generate_ca("impostor CA").unwrap();
+    let evil = bind(node_tls(&other_ca, "evil", Tier::Regional, "iad"));
+
+    let err = within("evil dials a", evil.connect(a.local_addr()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::Connection { .. }), "{err}");
+    let err = within("a dials evil", a.connect(evil.local_addr()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::Connection { .. }), "{err}");
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+
+    wait_until(
+        "a counts evil's failed handshake",
+        || a.stats().handshakes_failed_total,
+        |n| *n >= 1,
+    )
+    .await;
+    wait_until(
+        "evil counts a's failed handshake",
+        || evil.stats().handshakes_failed_total,
+        |n| *n >= 1,
+    )
+    .await;
+    assert_eq!(a.stats().connections_open, 0);
+    assert_eq!(a.stats().dials_failed_total, 1);
+
+    // The next connection a yields is b's, not evil's.
+    within("b dials a", b.connect(a.local_addr()))
+        .await
+        .unwrap();
+    let first = within("a accepts", a.accept()).await.unwrap();
+    assert_eq!(first.peer(), b.identity());
+}
+
+/// Dialing a node of another region or tier fails on the dialer's own name check, and so does
+/// the reverse; a dialer that skips its own check is refused by the acceptor's identity check.
+async fn foreign_cluster_is_refused(tier: Tier, region: &str) {
+    let (ca, a, _b) = cluster_pair();
+    let foreign_tls = node_tls(&ca, "stranger", tier, region);
+    let foreign = bind(foreign_tls.clone());
+
+    let err = within("a dials the stranger", a.connect(foreign.local_addr()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("iad.regional.strata"), "{err}");
+    let err = within("the stranger dials a", foreign.connect(a.local_addr()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::Connection { .. }), "{err}");
+    wait_until(
+        "a counts the failed handshake",
+        || a.stats().handshakes_failed_total,
+        |n| *n >= 1,
+    )
+    .await;
+
+    // A client that accepts any server of the CA and dials with a's cluster name gets past
+    // its own checks; a must still refuse its certificate, and say why.
+    let mut crypto = foreign_tls.rustls_client_config(|_| true).unwrap();
+    crypto.alpn_protocols = vec![ALPN_QUIC.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let client = quinn::Endpoint::client(LOOPBACK).unwrap();
+    let config = quinn::ClientConfig::new(Arc::new(crypto));
+    let outcome = within("the lax client's handshake", async {
+        let conn = client
+            .connect_with(config, a.local_addr(), &a.identity().cluster_name())?
+            .await?;
+        // The client finishes before the server has checked it; the refusal closes the
+        // connection right after.
+        Ok::<_, Box<dyn std::error::Error>>(conn.accept_uni().await?)
+    })
+    .await;
+    let err = outcome.unwrap_err().to_string();
+    assert!(err.contains("is not accepted here"), "{err}");
+    assert!(
+        err.contains(&format!("strata://{tier}/{region}/stranger")),
+        "{err}"
+    );
+    wait_until(
+        "a counts the refused handshake",
+        || a.stats().handshakes_failed_total,
+        |n| *n >= 2,
+    )
+    .await;
+    assert_eq!(a.stats().connections_open, 0);
+}
+
+#[tokio::test]
+async fn peer_of_another_region_is_refused() {
+    foreign_cluster_is_refused(Tier::Regional, "fra").await;
+}
+
+#[tokio::test]
+async fn peer_of_another_tier_is_refused() {
+    foreign_cluster_is_refused(Tier::Global, "iad").await;
+}
+
+#[tokio::test]
+async fn garbage_datagrams_do_not_break_the_endpoint() {
+    let (_ca, a, b) = cluster_pair();
+    let socket = tokio::net::UdpSocket::bind(LOOPBACK).await.unwrap();
+    let mut junk = vec![0u8; 1400];
+    for (i, byte) in junk.iter_mut().enumerate() {
+        *byte = (i * 31 % 251) as u8;
+    }
+    // Empty, tiny, long-header-looking, short-header-looking and full-size junk.
+    for payload in [&[][..], &[0xff][..], &junk[..40], &junk[..1200], &junk[..]] {
+        socket.send_to(payload, a.local_addr()).await.unwrap();
+    }
+    let mut initial_like = junk.clone();
+    initial_like[0] = 0xc0; // long header, Initial
+    initial_like[1..5].copy_from_slice(&1u32.to_be_bytes()); // QUIC v1
+    socket
+        .send_to(&initial_like[..1200], a.local_addr())
+        .await
+        .unwrap();
+
+    let conn = within("b dials a after the junk", b.connect(a.local_addr()))
+        .await
+        .unwrap();
+    assert_eq!(conn.peer(), a.identity());
+    let accepted = within("a accepts b", a.accept()).await.unwrap();
+    assert_eq!(accepted.peer(), b.identity());
+}
+
+#[tokio::test]
+async fn cache_reuses_connections() {
+    let (_ca, a, b) = cluster_pair();
+    let first = a.connect(b.local_addr()).await.unwrap();
+    let second = a.connect(b.local_addr()).await.unwrap();
+    assert_eq!(first.stable_id(), second.stable_id());
+
+    // b connected to by a: b's connect to a returns the connection it accepted.
+    let accepted = within("b accepts", b.accept()).await.unwrap();
+    let reused = b.connect(a.local_addr()).await.unwrap();
+    assert_eq!(reused.stable_id(), accepted.stable_id());
+    assert_eq!(b.stats().connections_dialed_total, 0);
+    assert_eq!(a.stats().connections_dialed_total, 1);
+
+    // An IPv4-mapped IPv6 address is the same peer.
+    let mapped = SocketAddr::new(
+        std::net::IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
+        b.local_addr().port(),
+    );
+    assert_eq!(
+        a.connect(mapped).await.unwrap().stable_id(),
+        first.stable_id()
+    );
+
+    // Forgetting closes it; the next connect dials afresh.
+    a.forget(b.local_addr());
+    assert!(first.is_closed());
+    let fresh = within("a redials b", a.connect(b.local_addr()))
+        .await
+        .unwrap();
+    assert_ne!(fresh.stable_id(), first.stable_id());
+    assert_eq!(a.stats().connections_dialed_total, 2);
+    wait_until(
+        "the forgotten connection leaves a's live set",
+        || a.stats().connections_open,
+        |n| *n == 1,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_connects_share_one_dial() {
+    let (_ca, a, b) = cluster_pair();
+    let dials: Vec<_> = (0..16)
+        .map(|_| {
+            let a = a.clone();
+            let addr = b.local_addr();
+            tokio::spawn(async move { a.connect(addr).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for dial in dials {
+        ids.push(
+            within("a concurrent connect", dial)
+                .await
+                .unwrap()
+                .unwrap()
+                .stable_id(),
+        );
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(a.stats().connections_dialed_total, 1);
+    within("b accepts", b.accept()).await.unwrap();
+    assert_eq!(b.stats().connections_accepted_total, 1);
+    assert_eq!(b.stats().connections_open, 1);
+}
+
+/// A dial to a silent address times out, is counted, and is not cached: the next connect
+/// dials again.
+#[tokio::test]
+async fn failed_dials_are_not_cached() {
+    let ca = generate_ca("test").unwrap();
+    let options = TransportOptions {
+        connect_timeout: Duration::from_millis(300),
+        ..TransportOptions::default()
+    };
+    let a = Transport::bind(LOOPBACK, node_tls(&ca, "a", Tier::Regional, "iad"), options).unwrap();
+    // Bound but never answers, so no ICMP error either: only the timeout can end the dial.
+    let silent = std::net::UdpSocket::bind(LOOPBACK).unwrap();
+    let addr = silent.local_addr().unwrap();
+
+    for attempt in 1..=2 {
+        let err = within("the dial to time out", a.connect(addr))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
+        assert_eq!(a.stats().dials_failed_total, attempt);
+    }
+    assert_eq!(a.stats().connections_open, 0);
+}
+
+#[tokio::test]
+async fn eof_inside_a_frame_is_an_error_and_between_frames_is_not() {
+    let (_ca, a, b) = cluster_pair();
+    let ab = a.connect(b.local_addr()).await.unwrap();
+    let ba = within("b accepts", b.accept()).await.unwrap();
+
+    // A header announcing 10 payload bytes, then only 3, then the end of the stream: what a
+    // sender cancelled mid-write looks like.
+    let mut send = ab.open_uni().await.unwrap();
+    send.write_all(&[0, 0, 0, 12, FRAME_VERSION, 5, 1, 2, 3])
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let mut recv = within("b accepts the stream", ba.accept_uni())
+        .await
+        .unwrap();
+    let err = read_frame(&mut recv, 100).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::UnexpectedEof {
+                read: 9,
+                expected: 16
+            }
+        ),
+        "{err}"
+    );
+
+    // An oversized frame is refused from its header.
+    let mut send = ab.open_uni().await.unwrap();
+    write_frame(&mut send, &Frame::new(1, vec![0u8; 200]))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let mut recv = within("b accepts the stream", ba.accept_uni())
+        .await
+        .unwrap();
+    let err = read_frame(&mut recv, 100).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Frame(FrameError::TooLarge { len: 200, max: 100 })
+        ),
+        "{err}"
+    );
+
+    // An empty stream is a clean end.
+    let mut send = ab.open_uni().await.unwrap();
+    send.finish().unwrap();
+    let mut recv = within("b accepts the stream", ba.accept_uni())
+        .await
+        .unwrap();
+    assert_eq!(read_frame(&mut recv, 100).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn shutdown_closes_everything() {
+    let (_ca, a, b) = cluster_pair();
+    let ab = a.connect(b.local_addr()).await.unwrap();
+    let ba = within("b accepts", b.accept()).await.unwrap();
+
+    within("a shuts down", a.shutdown()).await;
+    assert!(ab.is_closed());
+    assert!(matches!(
+        a.connect(b.local_addr()).await,
+        Err(TransportError::Shutdown)
+    ));
+    assert!(a.accept().await.is_none());
+    within("b sees the close", ba.closed()).await;
+    wait_until(
+        "b drops the connection",
+        || b.stats().connections_open,
+        |n| *n == 0,
+    )
+    .await;
+    assert_eq!(a.stats().connections_open, 0);
+}
+
+#[tokio::test]
+async fn dropping_the_transport_closes_its_connections() {
+    let (_ca, a, b) = cluster_pair();
+    a.connect(b.local_addr()).await.unwrap();
+    let ba = within("b accepts", b.accept()).await.unwrap();
+    drop(a);
+    within("b sees the close", ba.closed()).await;
+}
+
+#[tokio::test]
+async fn options_are_checked() {
+    let ca = generate_ca("test").unwrap();
+    let tls = node_tls(&ca, "a", Tier::Regional, "iad");
+    let bad = TransportOptions {
+        keep_alive_interval: Duration::from_secs(20),
+        ..TransportOptions::default()
+    };
+    let err = Transport::bind(LOOPBACK, tls, bad).unwrap_err();
+    assert!(matches!(err, TransportError::InvalidOptions(_)), "{err}");
+}
+
+/// Runs a TLS handshake in memory; returns which side failed, and why.
+fn handshake_in_memory(
+    client_config: rustls::ClientConfig,
+    server_config: rustls::ServerConfig,
+    server_name: String,
+) -> Result<(), String> {
+    use rustls::{ClientConnection, ServerConnection};
+    let name = rustls::pki_types::ServerName::try_from(server_name).unwrap();
+    let mut client = ClientConnection::new(Arc::new(client_config), name).unwrap();
+    let mut server = ServerConnection::new(Arc::new(server_config)).unwrap();
+    for _ in 0..10 {
+        let mut buf = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut buf).unwrap();
+        }
+        server.read_tls(&mut &buf[..]).unwrap();
+        if let Err(e) = server.process_new_packets() {
+            return Err(format!("server: {e}"));
+        }
+        let mut buf = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut buf).unwrap();
+        }
+        client.read_tls(&mut &buf[..]).unwrap();
+        if let Err(e) = client.process_new_packets() {
+            return Err(format!("client: {e}"));
+        }
+        if !client.is_handshaking() && !server.is_handshaking() {
+            return Ok(());
+        }
+    }
+    Err("handshake did not finish".into())
+}
+
+/// The rustls configurations for the API (as tonic would use them) apply the caller's filters.
+#[test]
+fn api_configs_apply_the_filters() {
+    let ca = generate_ca("test").unwrap();
+    let global = node_tls(&ca, "g1", Tier::Global, "iad");
+    let fra = node_tls(&ca, "r1", Tier::Regional, "fra");
+    let ams = node_tls(&ca, "r2", Tier::Regional, "ams");
+    let server = || {
+        global
+            .rustls_server_config(|peer| peer.tier == Tier::Regional && peer.region == "fra")
+            .unwrap()
+    };
+    let client = |tls: &TlsConfig| {
+        tls.rustls_client_config(|peer| peer.tier == Tier::Global)
+            .unwrap()
+    };
+
+    handshake_in_memory(client(&fra), server(), global.server_name()).unwrap();
+
+    let err = handshake_in_memory(client(&ams), server(), global.server_name()).unwrap_err();
+    assert!(err.starts_with("server:"), "{err}");
+    assert!(
+        err.contains("strata://regional/ams/r2 is not accepted here"),
+        "{err}"
+    );
+
+    // The client's filter: a regional server is refused by a client that wants a global one.
+    let err = handshake_in_memory(
+        client(&ams),
+        fra.rustls_server_config(|_| true).unwrap(),
+        fra.server_name(),
+    )
+    .unwrap_err();
+    assert!(err.starts_with("client:"), "{err}");
+    assert!(
+        err.contains("strata://regional/fra/r1 is not accepted here"),
+        "{err}"
+    );
+
+    // Another CA is refused by the chain check.
+    let other = node_tls(&generate_ca("other").unwrap(), "x", Tier::Regional, "fra");
+    let err = handshake_in_memory(client(&other), server(), global.server_name()).unwrap_err();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+}
+
+#[test]
+fn tls_config_refuses_unusable_material() {
+    let ca = generate_ca("test").unwrap();
+    let id = |node: &str| PeerIdentity::new(node, Tier::Regional, "iad").unwrap();
+    let a = generate_node(&ca, &id("a"), &[], &[]).unwrap();
+    let b = generate_node(&ca, &id("b"), &[], &[]).unwrap();
+
+    // a's certificate with b's key.
+    let err = TlsConfig::from_pem(&ca.cert_pem, &a.cert_pem, &b.key_pem).unwrap_err();
+    assert!(matches!(err, TransportError::Tls(_)), "{err}");
+
+    // A certificate of another CA.
+    let other = generate_ca("other").unwrap();
+    let err = TlsConfig::from_pem(&other.cert_pem, &a.cert_pem, &a.key_pem).unwrap_err();
+    assert!(
+        err.to_string().contains("would be refused by its peers"),
+        "{err}"
+    );
+
+    // Not PEM at all.
+    let err = TlsConfig::from_pem("nonsense", &a.cert_pem, &a.key_pem).unwrap_err();
+    assert!(matches!(err, TransportError::Pem { .. }), "{err}");
+    let err = TlsConfig::from_pem(&ca.cert_pem, &a.cert_pem, "").unwrap_err();
+    assert!(matches!(err, TransportError::Pem { .. }), "{err}");
+    let err = TlsConfig::load("/nonexistent/ca.crt", "/x", "/y").unwrap_err();
+    assert!(matches!(err, TransportError::Io { .. }), "{err}");
+}
+
+/// Two nodes that dial each other at the same moment each get a working connection; both
+/// connections stay open and each side's accept yields both.
+#[tokio::test]
+async fn simultaneous_dials_both_work() {
+    let (_ca, a, b) = cluster_pair();
+    let (ab, ba) = within("both dials", async {
+        tokio::join!(a.connect(b.local_addr()), b.connect(a.local_addr()))
+    })
+    .await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    assert_eq!(ab.peer(), b.identity());
+    assert_eq!(ba.peer(), a.identity());
+    let mut incoming = Vec::new();
+    for node in [&a, &b] {
+        let first = within("the first new connection", node.accept())
+            .await
+            .unwrap();
+        let second = within("the second new connection", node.accept())
+            .await
+            .unwrap();
+        assert_ne!(first.direction(), second.direction());
+        incoming.push(if first.direction() == Direction::Incoming {
+            first
+        } else {
+            second
+        });
+    }
+    // The cache stays stable: repeated connects return what the first returned.
+    assert_eq!(
+        a.connect(b.local_addr()).await.unwrap().stable_id(),
+        ab.stable_id()
+    );
+    assert_eq!(
+        b.connect(a.local_addr()).await.unwrap().stable_id(),
+        ba.stable_id()
+    );
+    // What each side sends on its dialed connection arrives on the other's accepted one.
+    datagram_gets_through(&ab, &incoming[1], 1, b"a to b").await;
+    datagram_gets_through(&ba, &incoming[0], 1, b"b to a").await;
+}

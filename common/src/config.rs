@@ -338,6 +338,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's test jail returns its own error type
     fn environment_overrides_the_file() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("node.toml", MINIMAL)?;
@@ -358,8 +359,10 @@ mod tests {
     fn the_example_config_in_deploy_is_valid_and_matches_the_defaults() {
         let example = include_str!("../../deploy/regiond.toml");
         let config = NodeConfig::from_toml(example).unwrap();
-        let mut defaults = NodeConfig::default();
-        defaults.node = config.node.clone();
+        let mut defaults = NodeConfig {
+            node: config.node.clone(),
+            ..NodeConfig::default()
+        };
         defaults.gossip.bootstrap = config.gossip.bootstrap.clone();
         defaults.gossip.tls = config.gossip.tls.clone();
         defaults.store.schema = config.store.schema.clone();

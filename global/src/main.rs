@@ -1,7 +1,16 @@
 //! `globald`: a node of Strata's global tier.
 //!
-//! The global tier holds only the application-to-region map that regions derive and publish.
-use clap::{Parser, Subcommand};
+//! The global tier holds only the application-to-region map that regions derive and publish
+//! (`schema.sql` here). `globald run` starts a node; the other subcommands talk to a running one
+//! or make development certificates.
+
+use clap::Parser;
+use strata_common::cli::{Command, execute};
+use strata_common::node::NodeSpec;
+use strata_common::transport::Tier;
+
+/// The global schema used when the configuration names none.
+const DEFAULT_SCHEMA: &str = include_str!("../schema.sql");
 
 /// A node of the Strata global tier.
 #[derive(Parser, Debug)]
@@ -11,28 +20,12 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Check a schema file against the store rules and print what it defines.
-    CheckSchema {
-        /// Path of a `.sql` schema file.
-        path: std::path::PathBuf,
-    },
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {
-        Command::CheckSchema { path } => {
-            let sql = std::fs::read_to_string(&path)?;
-            let schema = strata_common::store::Schema::parse(&sql)?;
-            for table in schema.tables() {
-                #[allow(clippy::print_stdout)]
-                {
-                    println!("{}", table.name());
-                }
-            }
-            Ok(())
-        }
-    }
+    let spec = NodeSpec {
+        tier: Tier::Global,
+        default_schema: DEFAULT_SCHEMA,
+    };
+    execute(spec, cli.command, |_, routes| routes)?;
+    Ok(())
 }

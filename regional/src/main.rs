@@ -1,9 +1,16 @@
 //! `regiond`: a node of a Strata region.
 //!
-//! A region's nodes hold its fine-grained per-Machine rows, replicate them among themselves, and
-//! publish a derived application-to-region summary to the global tier.
+//! A region's nodes hold its fine-grained per-Machine rows (`schema.sql` here by default) and
+//! replicate them among themselves. `regiond run` starts a node; the other subcommands talk to
+//! a running one or make development certificates.
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use strata_common::cli::{Command, execute};
+use strata_common::node::NodeSpec;
+use strata_common::transport::Tier;
+
+/// The region schema used when the configuration names none.
+const DEFAULT_SCHEMA: &str = include_str!("../schema.sql");
 
 /// A node of a Strata region.
 #[derive(Parser, Debug)]
@@ -13,28 +20,12 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Check a schema file against the store rules and print what it defines.
-    CheckSchema {
-        /// Path of a `.sql` schema file.
-        path: std::path::PathBuf,
-    },
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {
-        Command::CheckSchema { path } => {
-            let sql = std::fs::read_to_string(&path)?;
-            let schema = strata_common::store::Schema::parse(&sql)?;
-            for table in schema.tables() {
-                #[allow(clippy::print_stdout)]
-                {
-                    println!("{}", table.name());
-                }
-            }
-            Ok(())
-        }
-    }
+    let spec = NodeSpec {
+        tier: Tier::Regional,
+        default_schema: DEFAULT_SCHEMA,
+    };
+    execute(spec, cli.command, |_, routes| routes)?;
+    Ok(())
 }

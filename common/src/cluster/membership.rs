@@ -156,6 +156,8 @@ pub struct Membership {
     reannounce_ms: Option<u64>,
     /// Generation of the re-announce timer, so a stale one is ignored.
     reannounce_generation: u64,
+    /// Whether this member is leaving (being declared down is then expected).
+    leaving: bool,
     rng: StdRng,
 }
 
@@ -183,6 +185,7 @@ impl Membership {
             sized_for: 1,
             reannounce_ms: None,
             reannounce_generation: 0,
+            leaving: false,
             rng: StdRng::seed_from_u64(seed ^ 0x5eed),
         }
     }
@@ -307,6 +310,7 @@ impl Membership {
 
     /// Leaves the cluster gracefully: members learn at once instead of by probing.
     pub fn leave(&mut self, out: &mut Vec<Action>, events: &mut Vec<MemberEvent>) {
+        self.leaving = true;
         let _ = self.foca.leave_cluster(&mut self.runtime);
         self.drain(out, events);
     }
@@ -364,7 +368,7 @@ impl Membership {
                         "declared down by the cluster; rejoined"
                     );
                 }
-                OwnedNotification::Defunct => {
+                OwnedNotification::Defunct if !self.leaving => {
                     tracing::error!("declared down and could not rejoin");
                 }
                 _ => {}

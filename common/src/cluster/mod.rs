@@ -14,6 +14,7 @@
 
 pub mod broadcast;
 pub mod core;
+pub mod driver;
 pub mod membership;
 pub mod message;
 pub mod sync;

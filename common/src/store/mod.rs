@@ -310,6 +310,15 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .field("site", &self.site())
+            .finish()
+    }
+}
+
 struct Inner {
     shared: Arc<Shared>,
     requests: Option<flume::Sender<Request>>,
@@ -559,33 +568,78 @@ impl Store {
     /// Runs a read-only query on a reader connection.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         let rows_max = self.inner.shared.options.query_rows_max;
+        let mut columns = Vec::new();
+        let mut rows = Vec::new();
+        let mut over = false;
+        self.query_each(
+            sql,
+            params,
+            |names| {
+                columns = names.to_vec();
+                true
+            },
+            |row| {
+                if rows.len() == rows_max {
+                    over = true;
+                    return false;
+                }
+                rows.push(row);
+                true
+            },
+        )?;
+        if over {
+            return Err(StoreError::TooLarge {
+                what: "query rows",
+                size: rows_max + 1,
+                limit: rows_max,
+            });
+        }
+        Ok(Rows { columns, rows })
+    }
+
+    /// Runs a read-only query on a reader connection, handing over the column names, then each
+    /// row; either callback stops the query by returning false. An error before `on_columns` was
+    /// called means the query never started (bad SQL, unknown table, not read-only).
+    pub fn query_each(
+        &self,
+        sql: &str,
+        params: &[Value],
+        on_columns: impl FnOnce(&[String]) -> bool,
+        mut on_row: impl FnMut(Vec<Value>) -> bool,
+    ) -> Result<()> {
         self.read(|conn| {
-            let mut stmt = conn.prepare(sql).map_err(|err| StoreError::BadStatement {
-                index: 0,
-                message: err.to_string(),
-            })?;
+            let mut stmt = conn
+                .prepare(sql)
+                .map_err(|err| writer::statement_error(0, err))?;
             if !stmt.readonly() {
                 return Err(StoreError::NotReadOnly(sql.chars().take(80).collect()));
             }
             let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
             let width = columns.len();
-            let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                if out.len() == rows_max {
-                    return Err(StoreError::TooLarge {
-                        what: "query rows",
-                        size: rows_max + 1,
-                        limit: rows_max,
-                    });
-                }
-                out.push(
-                    (0..width)
-                        .map(|i| row.get(i))
-                        .collect::<rusqlite::Result<Vec<Value>>>()?,
-                );
+            let mut rows = stmt
+                .query(rusqlite::params_from_iter(params.iter()))
+                .map_err(|err| writer::statement_error(0, err))?;
+            if !on_columns(&columns) {
+                return Ok(());
             }
-            Ok(Rows { columns, rows: out })
+            while let Some(row) = rows.next().map_err(|err| writer::statement_error(0, err))? {
+                let values = (0..width)
+                    .map(|i| row.get(i))
+                    .collect::<rusqlite::Result<Vec<Value>>>()?;
+                if !on_row(values) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Changes parked here for a table or column this node does not know yet.
+    pub fn parked(&self) -> Result<u64> {
+        self.read(|conn| {
+            let count: i64 =
+                conn.query_row("SELECT count(*) FROM __strata_parked", [], |r| r.get(0))?;
+            Ok(u64::try_from(count).unwrap_or(0))
         })
     }
 

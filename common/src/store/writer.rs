@@ -434,53 +434,11 @@ impl Writer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        match err {
-            rusqlite::Error::SqliteFailure(code, message) => {
-                let message = message.unwrap_or_else(|| code.to_string());
-                match code.code {
-                    ErrorCode::AuthorizationForStatementDenied => StoreError::Refused {
-                        index,
-                        reason: denied.unwrap_or(message),
-                    },
-                    ErrorCode::ConstraintViolation => StoreError::Constraint { index, message },
-                    ErrorCode::Unknown
-                    | ErrorCode::ApiMisuse
-                    | ErrorCode::TypeMismatch
-                    | ErrorCode::TooBig
-                    | ErrorCode::ParameterOutOfRange => {
-                        match message.strip_prefix("no such table: ") {
-                            Some(table) => StoreError::UnknownTable {
-                                index,
-                                table: table.to_owned(),
-                            },
-                            None => StoreError::BadStatement { index, message },
-                        }
-                    }
-                    _ => StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, Some(message))),
-                }
+        match (statement_error(index, err), denied) {
+            (StoreError::Refused { index, .. }, Some(reason)) => {
+                StoreError::Refused { index, reason }
             }
-            rusqlite::Error::ExecuteReturnedResults => StoreError::BadStatement {
-                index,
-                message: "statement returns rows; use a query for reads".into(),
-            },
-            rusqlite::Error::MultipleStatement => StoreError::BadStatement {
-                index,
-                message: "one statement per entry; split the SQL".into(),
-            },
-            rusqlite::Error::InvalidParameterCount(got, expected) => StoreError::BadStatement {
-                index,
-                message: format!("statement takes {expected} parameters, {got} given"),
-            },
-            rusqlite::Error::SqlInputError {
-                msg, sql, offset, ..
-            } => StoreError::BadStatement {
-                index,
-                message: format!("{msg} at offset {offset} in {sql:?}"),
-            },
-            other => StoreError::BadStatement {
-                index,
-                message: other.to_string(),
-            },
+            (other, _) => other,
         }
     }
 
@@ -976,5 +934,61 @@ fn user_rule(ctx: &AuthContext<'_>) -> Option<String> {
              transactions"
                 .into(),
         ),
+    }
+}
+
+/// The precise store error for a SQLite error of a user statement (bad SQL, unknown table,
+/// constraint, refused by the authorizer); I/O and internal failures stay `Sqlite`.
+pub(crate) fn statement_error(index: usize, err: rusqlite::Error) -> StoreError {
+    let unknown_or_bad = |message: String| match message.strip_prefix("no such table: ") {
+        Some(table) => StoreError::UnknownTable {
+            index,
+            table: table.to_owned(),
+        },
+        None => StoreError::BadStatement { index, message },
+    };
+    match err {
+        rusqlite::Error::SqliteFailure(code, message) => {
+            let message = message.unwrap_or_else(|| code.to_string());
+            match code.code {
+                ErrorCode::AuthorizationForStatementDenied => StoreError::Refused {
+                    index,
+                    reason: message,
+                },
+                ErrorCode::ConstraintViolation => StoreError::Constraint { index, message },
+                ErrorCode::Unknown
+                | ErrorCode::ApiMisuse
+                | ErrorCode::TypeMismatch
+                | ErrorCode::TooBig
+                | ErrorCode::ParameterOutOfRange => unknown_or_bad(message),
+                _ => StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, Some(message))),
+            }
+        }
+        rusqlite::Error::ExecuteReturnedResults => StoreError::BadStatement {
+            index,
+            message: "statement returns rows; use a query for reads".into(),
+        },
+        rusqlite::Error::MultipleStatement => StoreError::BadStatement {
+            index,
+            message: "one statement per entry; split the SQL".into(),
+        },
+        rusqlite::Error::InvalidParameterCount(got, expected) => StoreError::BadStatement {
+            index,
+            message: format!("statement takes {expected} parameters, {got} given"),
+        },
+        rusqlite::Error::SqlInputError { msg, offset, .. } => {
+            if msg.starts_with("no such table: ") {
+                unknown_or_bad(msg)
+            } else {
+                StoreError::BadStatement {
+                    index,
+                    message: format!("{msg} (at offset {offset})"),
+                }
+            }
+        }
+        other => StoreError::BadStatement {
+            index,
+            message: other.to_string(),
+        },
     }
 }

@@ -1,0 +1,934 @@
+//! The tokio driver of the cluster core: the thin layer that carries out the core's actions on
+//! the network (`transport`) and the store.
+//!
+//! Tasks, each bounded:
+//! - the **loop** owns the [`Core`]; it reads one bounded queue of events (packets, pushes,
+//!   local commits, finished syncs) and its timers, and performs the core's actions in order;
+//! - one **sender** per peer, with a bounded queue: it dials (cached), sends datagrams, and
+//!   writes each push on its own uni stream. A full queue drops the item and counts it: SWIM
+//!   tolerates loss, and anti-entropy repairs a lost push;
+//! - the **accept** loop, and per connection a reader of datagrams, of uni streams (pushes) and
+//!   of bi streams (sync sessions served, at most `serve_max` at once);
+//! - the **apply** worker, which batches new changesets into the store;
+//! - sync **client** sessions (at most `sessions_max`, enforced by the core);
+//! - a reader of the store's commit events, which hands local commits to the loop.
+//!
+//! No decision is made here that the simulator would need to reproduce: who to send to, what
+//! is new, when to sync and with whom are the core's.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::time::DelayQueue;
+
+use super::core::{Action, Core, Input, Timer};
+use super::membership::{Member, MemberEvent};
+use super::message::{
+    self, Changes, KIND_CHANGES, KIND_SWIM, KIND_SYNC_REPLY, KIND_SYNC_REQUEST, SyncReply,
+    SyncRequest,
+};
+use super::sync;
+use crate::metrics::{Metrics, ReasonLabel, Role, RoleLabel, SyncLabels, SyncResult, ViaLabel};
+use crate::store::{Changeset, Store};
+use crate::transport::{
+    Conn, Frame, PeerIdentity, Transport, decode_datagram, encode, encode_datagram, read_frame,
+    write_frame,
+};
+
+/// Bounds of the driver's queues and frames.
+#[derive(Debug, Clone)]
+pub struct DriverOptions {
+    /// Events waiting for the loop.
+    pub events_len: usize,
+    /// Items waiting in one peer's sender.
+    pub peer_queue_len: usize,
+    /// Pushes waiting to be applied.
+    pub apply_queue_len: usize,
+    /// Changesets applied in one store call at most.
+    pub apply_batch_max: usize,
+    /// Largest frame accepted on a stream, bytes.
+    pub frame_bytes_max: usize,
+    /// Target size of a pushed frame, bytes (changesets are packed up to it).
+    pub push_frame_bytes: usize,
+    /// Uni streams read at once (per node).
+    pub readers_max: usize,
+    /// How long a sync session may wait for its peer's next frame.
+    pub sync_idle_timeout: Duration,
+}
+
+impl Default for DriverOptions {
+    fn default() -> Self {
+        DriverOptions {
+            events_len: 4096,
+            peer_queue_len: 1024,
+            apply_queue_len: 1024,
+            apply_batch_max: 4096,
+            frame_bytes_max: 16 << 20,
+            push_frame_bytes: 1 << 20,
+            readers_max: 256,
+            sync_idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Versions one extraction reads at most while serving a sync session: bounds the memory of one
+/// step of a session.
+const SYNC_WINDOW_VERSIONS: u64 = 256;
+
+/// What the cluster looks like from this node, for the API and health.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// This node.
+    pub me: Option<Member>,
+    /// Live members with their certificate identity when known, in address order.
+    pub members: Vec<(Member, Option<PeerIdentity>)>,
+    /// Whether a sync session found this node holding everything its peer held.
+    pub caught_up: bool,
+}
+
+/// A handle on the running cluster driver.
+#[derive(Clone)]
+pub struct Cluster {
+    view: watch::Receiver<ClusterView>,
+}
+
+impl Cluster {
+    /// The current view of the cluster.
+    pub fn view(&self) -> ClusterView {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that sees every change of the view.
+    pub fn watch(&self) -> watch::Receiver<ClusterView> {
+        self.view.clone()
+    }
+}
+
+enum Event {
+    Packet(Bytes),
+    Received {
+        from: SocketAddr,
+        changesets: Vec<Changeset>,
+    },
+    Committed(Vec<Arc<Changeset>>),
+    SyncFinished {
+        peer: SocketAddr,
+        complete: bool,
+        failed: bool,
+    },
+    Connected {
+        addr: SocketAddr,
+        peer: PeerIdentity,
+    },
+}
+
+enum Outgoing {
+    Datagram(Bytes),
+    Push(Vec<Bytes>),
+}
+
+/// Everything the tasks share.
+struct Shared {
+    transport: Transport,
+    store: Store,
+    metrics: Arc<Metrics>,
+    options: DriverOptions,
+    events: mpsc::Sender<Event>,
+    apply: mpsc::Sender<Vec<Changeset>>,
+    readers: Arc<Semaphore>,
+    serving: Arc<Semaphore>,
+    sync: sync::SyncConfig,
+    chunk_bytes: usize,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// Starts the driver: the core joins through its seeds and the tasks run until `cancel`.
+pub fn spawn(
+    core: Core,
+    transport: Transport,
+    store: Store,
+    metrics: Arc<Metrics>,
+    options: DriverOptions,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) -> Cluster {
+    let (events_tx, events_rx) = mpsc::channel(options.events_len.max(1));
+    let (apply_tx, apply_rx) = mpsc::channel(options.apply_queue_len.max(1));
+    let (view_tx, view_rx) = watch::channel(ClusterView {
+        me: Some(core.me()),
+        ..ClusterView::default()
+    });
+    let sync = core.sync_config().clone();
+    let shared = Arc::new(Shared {
+        chunk_bytes: store.options().chunk_bytes,
+        transport,
+        store,
+        metrics,
+        readers: Arc::new(Semaphore::new(options.readers_max.max(1))),
+        serving: Arc::new(Semaphore::new(sync.serve_max.max(1))),
+        sync,
+        options,
+        events: events_tx,
+        apply: apply_tx,
+        tracker: tracker.clone(),
+        cancel: cancel.clone(),
+    });
+    crate::telemetry::spawn(&tracker, accept_loop(Arc::clone(&shared)));
+    crate::telemetry::spawn(&tracker, apply_worker(Arc::clone(&shared), apply_rx));
+    crate::telemetry::spawn(&tracker, store_events(Arc::clone(&shared)));
+    let driver = Driver {
+        core,
+        shared,
+        events: events_rx,
+        timers: DelayQueue::new(),
+        peers: HashMap::new(),
+        identities: HashMap::new(),
+        view: view_tx,
+    };
+    crate::telemetry::spawn(&tracker, driver.run());
+    Cluster { view: view_rx }
+}
+
+struct Driver {
+    core: Core,
+    shared: Arc<Shared>,
+    events: mpsc::Receiver<Event>,
+    timers: DelayQueue<Timer>,
+    peers: HashMap<SocketAddr, mpsc::Sender<Outgoing>>,
+    identities: HashMap<SocketAddr, PeerIdentity>,
+    view: watch::Sender<ClusterView>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let actions = self.core.handle(Input::Start, &self.shared.store);
+        self.perform(actions);
+        loop {
+            tokio::select! {
+                () = self.shared.cancel.cancelled() => break,
+                event = self.events.recv() => {
+                    let Some(event) = event else { break };
+                    self.on_event(event);
+                }
+                Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
+                    let actions = self.core.handle(Input::Timer(expired.into_inner()), &self.shared.store);
+                    self.perform(actions);
+                }
+            }
+        }
+        // Leave gracefully: members learn at once instead of by probing.
+        let actions = self.core.handle(Input::Leave, &self.shared.store);
+        for action in actions {
+            if let Action::Datagram { to, bytes } = action
+                && let Ok(conn) = self.shared.transport.connect(to).await
+            {
+                let _ = conn.send_datagram(encode_datagram(KIND_SWIM, &bytes));
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let actions = match event {
+            Event::Packet(bytes) => self.core.handle(Input::Packet(&bytes), &self.shared.store),
+            Event::Received { from, changesets } => {
+                let before = self.core.duplicates_total();
+                let actions = self
+                    .core
+                    .handle(Input::Received { from, changesets }, &self.shared.store);
+                self.shared
+                    .metrics
+                    .changesets_duplicate
+                    .inc_by(self.core.duplicates_total() - before);
+                actions
+            }
+            Event::Committed(local) => self
+                .core
+                .handle(Input::Committed(local), &self.shared.store),
+            Event::SyncFinished {
+                peer,
+                complete,
+                failed,
+            } => {
+                let actions = self.core.handle(
+                    Input::SyncFinished {
+                        peer,
+                        complete,
+                        failed,
+                    },
+                    &self.shared.store,
+                );
+                self.publish_view();
+                actions
+            }
+            Event::Connected { addr, peer } => {
+                self.identities.insert(addr, peer);
+                self.publish_view();
+                Vec::new()
+            }
+        };
+        self.perform(actions);
+    }
+
+    fn perform(&mut self, actions: Vec<Action>) {
+        // Encoded once per broadcast, shared by every recipient.
+        let mut encoded: Option<(*const Vec<Changeset>, Vec<Bytes>)> = None;
+        for action in actions {
+            match action {
+                Action::Datagram { to, bytes } => {
+                    self.enqueue(to, Outgoing::Datagram(bytes), "datagram");
+                }
+                Action::Send { to, changesets } => {
+                    let key = Arc::as_ptr(&changesets);
+                    let frames = match &encoded {
+                        Some((k, frames)) if *k == key => frames.clone(),
+                        _ => {
+                            let frames = push_frames(
+                                &changesets,
+                                self.shared.chunk_bytes,
+                                self.shared.options.push_frame_bytes,
+                            );
+                            encoded = Some((key, frames.clone()));
+                            frames
+                        }
+                    };
+                    let bytes: usize = frames.iter().map(Bytes::len).sum();
+                    if self.enqueue(to, Outgoing::Push(frames), "push") {
+                        self.shared
+                            .metrics
+                            .broadcast_changesets_sent
+                            .inc_by(changesets.len() as u64);
+                        self.shared
+                            .metrics
+                            .broadcast_bytes_sent
+                            .inc_by(bytes as u64);
+                    }
+                }
+                Action::Apply { changesets } => {
+                    let count = changesets.len() as u64;
+                    if self.shared.apply.try_send(changesets).is_err() {
+                        // Anti-entropy fetches what is dropped here.
+                        self.shared.metrics.apply_dropped.inc_by(count);
+                    }
+                }
+                Action::Sync { peer } => {
+                    let shared = Arc::clone(&self.shared);
+                    crate::telemetry::spawn(&self.shared.tracker, async move {
+                        shared
+                            .metrics
+                            .sync_sessions_active
+                            .get_or_create(&RoleLabel::client())
+                            .inc();
+                        let outcome = sync_client(&shared, peer).await;
+                        shared
+                            .metrics
+                            .sync_sessions_active
+                            .get_or_create(&RoleLabel::client())
+                            .dec();
+                        let (complete, failed, result) = match outcome {
+                            Ok(SyncOutcome::Complete) => (true, false, SyncResult::Complete),
+                            Ok(SyncOutcome::Partial) => (false, false, SyncResult::Partial),
+                            Ok(SyncOutcome::Busy) => (false, true, SyncResult::Busy),
+                            Err(err) => {
+                                tracing::debug!(%peer, error = %err, "sync session failed");
+                                (false, true, SyncResult::Failed)
+                            }
+                        };
+                        shared
+                            .metrics
+                            .sync_sessions
+                            .get_or_create(&SyncLabels::new(Role::Client, result))
+                            .inc();
+                        let _ = shared
+                            .events
+                            .send(Event::SyncFinished {
+                                peer,
+                                complete,
+                                failed,
+                            })
+                            .await;
+                    });
+                }
+                Action::Schedule { after, timer } => {
+                    self.timers.insert(timer, after);
+                }
+                Action::Member(event) => self.on_member(event),
+            }
+        }
+        self.shared
+            .metrics
+            .swim_backlog
+            .set(self.core.swim_backlog() as i64);
+    }
+
+    fn on_member(&mut self, event: MemberEvent) {
+        match event {
+            MemberEvent::Up(member) => {
+                tracing::info!(addr = %member.addr, incarnation = member.incarnation, "member up");
+                self.shared
+                    .metrics
+                    .member_events
+                    .get_or_create(&crate::metrics::EventLabel::up())
+                    .inc();
+            }
+            MemberEvent::Down(member) => {
+                tracing::info!(addr = %member.addr, incarnation = member.incarnation, "member down");
+                self.shared
+                    .metrics
+                    .member_events
+                    .get_or_create(&crate::metrics::EventLabel::down())
+                    .inc();
+                // A restarted node comes back with a new connection; a dead one has none.
+                if !self.core.live().any(|m| m.addr == member.addr) {
+                    self.peers.remove(&member.addr);
+                    self.shared.transport.forget(member.addr);
+                }
+            }
+        }
+        self.shared
+            .metrics
+            .members
+            .set(self.core.live_count() as i64);
+        self.publish_view();
+    }
+
+    fn publish_view(&self) {
+        let members = self
+            .core
+            .live()
+            .map(|m| (*m, self.identities.get(&m.addr).cloned()))
+            .collect();
+        let caught_up = self.core.caught_up();
+        self.shared.metrics.caught_up.set(i64::from(caught_up));
+        self.view.send_replace(ClusterView {
+            me: Some(self.core.me()),
+            members,
+            caught_up,
+        });
+    }
+
+    /// Queues an item for a peer's sender; returns false (and counts) when it was dropped.
+    fn enqueue(&mut self, to: SocketAddr, item: Outgoing, what: &'static str) -> bool {
+        let sender = self.peers.entry(to).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(self.shared.options.peer_queue_len.max(1));
+            crate::telemetry::spawn(
+                &self.shared.tracker,
+                peer_sender(Arc::clone(&self.shared), to, rx),
+            );
+            tx
+        });
+        match sender.try_send(item) {
+            Ok(()) => true,
+            Err(_) => {
+                let reason = ReasonLabel::new("queue_full");
+                if what == "datagram" {
+                    self.shared
+                        .metrics
+                        .datagrams_dropped
+                        .get_or_create(&reason)
+                        .inc();
+                } else {
+                    self.shared
+                        .metrics
+                        .broadcast_dropped
+                        .get_or_create(&reason)
+                        .inc();
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Packs changesets into push frames of about `frame_bytes`, chunking large versions first.
+fn push_frames(changesets: &[Changeset], chunk_bytes: usize, frame_bytes: usize) -> Vec<Bytes> {
+    let mut frames = Vec::new();
+    let mut batch: Vec<Changeset> = Vec::new();
+    let mut size = 0;
+    let flush = |batch: &mut Vec<Changeset>, frames: &mut Vec<Bytes>| {
+        if batch.is_empty() {
+            return;
+        }
+        let changes = Changes {
+            changesets: std::mem::take(batch),
+        };
+        match message::encode(&changes) {
+            Ok(payload) => {
+                let mut buf = BytesMut::with_capacity(payload.len() + 8);
+                if encode(KIND_CHANGES, &payload, &mut buf).is_ok() {
+                    frames.push(buf.freeze());
+                }
+            }
+            Err(err) => tracing::error!(error = %err, "could not encode a push"),
+        }
+    };
+    for changeset in changesets {
+        for chunk in changeset.clone().chunked(chunk_bytes) {
+            let chunk_size: usize = chunk.changes.iter().map(|c| c.size_hint()).sum::<usize>() + 64;
+            if size + chunk_size > frame_bytes {
+                flush(&mut batch, &mut frames);
+                size = 0;
+            }
+            size += chunk_size;
+            batch.push(chunk);
+        }
+    }
+    flush(&mut batch, &mut frames);
+    frames
+}
+
+async fn peer_sender(shared: Arc<Shared>, addr: SocketAddr, mut queue: mpsc::Receiver<Outgoing>) {
+    while let Some(item) = queue.recv().await {
+        shared.metrics.peer_queue_depth.set(queue.len() as i64);
+        let conn = tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            conn = shared.transport.connect(addr) => conn,
+        };
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::debug!(%addr, error = %err, "cannot reach peer");
+                let reason = ReasonLabel::new("unreachable");
+                let dropped = match item {
+                    Outgoing::Datagram(_) => &shared.metrics.datagrams_dropped,
+                    Outgoing::Push(_) => &shared.metrics.broadcast_dropped,
+                };
+                dropped.get_or_create(&reason).inc();
+                continue;
+            }
+        };
+        match item {
+            Outgoing::Datagram(bytes) => {
+                match conn.send_datagram(encode_datagram(KIND_SWIM, &bytes)) {
+                    Ok(()) => {
+                        shared.metrics.datagrams_sent.inc();
+                    }
+                    Err(_) => {
+                        shared
+                            .metrics
+                            .datagrams_dropped
+                            .get_or_create(&ReasonLabel::new("send_error"))
+                            .inc();
+                    }
+                }
+            }
+            Outgoing::Push(frames) => {
+                for frame in frames {
+                    if let Err(err) = push(&conn, frame).await {
+                        tracing::debug!(%addr, error = %err, "push failed");
+                        shared
+                            .metrics
+                            .broadcast_dropped
+                            .get_or_create(&ReasonLabel::new("send_error"))
+                            .inc();
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn push(conn: &Conn, frame: Bytes) -> Result<(), crate::transport::TransportError> {
+    let mut stream = conn.open_uni().await?;
+    stream.write_all(&frame).await?;
+    let _ = stream.finish();
+    Ok(())
+}
+
+async fn accept_loop(shared: Arc<Shared>) {
+    loop {
+        let conn = tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            conn = shared.transport.accept() => conn,
+        };
+        let Some(conn) = conn else { return };
+        let _ = shared
+            .events
+            .send(Event::Connected {
+                addr: conn.remote_addr(),
+                peer: conn.peer().clone(),
+            })
+            .await;
+        crate::telemetry::spawn(
+            &shared.tracker,
+            read_datagrams(Arc::clone(&shared), conn.clone()),
+        );
+        crate::telemetry::spawn(
+            &shared.tracker,
+            read_pushes(Arc::clone(&shared), conn.clone()),
+        );
+        crate::telemetry::spawn(&shared.tracker, serve_syncs(Arc::clone(&shared), conn));
+    }
+}
+
+async fn read_datagrams(shared: Arc<Shared>, conn: Conn) {
+    loop {
+        let bytes = tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            bytes = conn.read_datagram() => bytes,
+        };
+        let Ok(bytes) = bytes else { return };
+        shared.metrics.datagrams_received.inc();
+        match decode_datagram(&bytes) {
+            Ok((KIND_SWIM, payload)) => {
+                let packet = bytes.slice_ref(payload);
+                if shared.events.try_send(Event::Packet(packet)).is_err() {
+                    shared
+                        .metrics
+                        .datagrams_dropped
+                        .get_or_create(&ReasonLabel::new("queue_full"))
+                        .inc();
+                }
+            }
+            _ => {
+                shared
+                    .metrics
+                    .datagrams_dropped
+                    .get_or_create(&ReasonLabel::new("malformed"))
+                    .inc();
+            }
+        }
+    }
+}
+
+async fn read_pushes(shared: Arc<Shared>, conn: Conn) {
+    loop {
+        let stream = tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            stream = conn.accept_uni() => stream,
+        };
+        let Ok(mut stream) = stream else { return };
+        let Ok(permit) = Arc::clone(&shared.readers).acquire_owned().await else {
+            return;
+        };
+        let shared = Arc::clone(&shared);
+        let from = conn.remote_addr();
+        crate::telemetry::spawn(&shared.tracker.clone(), async move {
+            let _permit = permit;
+            let frame = match read_frame(&mut stream, shared.options.frame_bytes_max).await {
+                Ok(Some(frame)) if frame.kind == KIND_CHANGES => frame,
+                Ok(_) | Err(_) => {
+                    shared
+                        .metrics
+                        .broadcast_dropped
+                        .get_or_create(&ReasonLabel::new("malformed"))
+                        .inc();
+                    return;
+                }
+            };
+            match message::decode::<Changes>(&frame.payload) {
+                Ok(changes) => {
+                    let via = ViaLabel::broadcast();
+                    shared
+                        .metrics
+                        .changesets_received
+                        .get_or_create(&via)
+                        .inc_by(changes.changesets.len() as u64);
+                    shared
+                        .metrics
+                        .bytes_received
+                        .get_or_create(&via)
+                        .inc_by(frame.payload.len() as u64);
+                    let _ = shared
+                        .events
+                        .send(Event::Received {
+                            from,
+                            changesets: changes.changesets,
+                        })
+                        .await;
+                }
+                Err(err) => {
+                    tracing::debug!(%from, error = %err, "malformed push");
+                    shared
+                        .metrics
+                        .broadcast_dropped
+                        .get_or_create(&ReasonLabel::new("malformed"))
+                        .inc();
+                }
+            }
+        });
+    }
+}
+
+async fn apply_worker(shared: Arc<Shared>, mut queue: mpsc::Receiver<Vec<Changeset>>) {
+    loop {
+        let first = tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            first = queue.recv() => first,
+        };
+        let Some(mut batch) = first else { return };
+        while batch.len() < shared.options.apply_batch_max {
+            match queue.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        shared.metrics.apply_queue_depth.set(queue.len() as i64);
+        apply(&shared, batch).await;
+    }
+}
+
+/// Applies changesets and records batch size, latency and replication lag.
+async fn apply(shared: &Shared, batch: Vec<Changeset>) {
+    let started = Instant::now();
+    let stamps: HashMap<(crate::store::SiteId, u64), u64> = batch
+        .iter()
+        .map(|c| ((c.site, c.version), c.ts.millis()))
+        .collect();
+    shared
+        .metrics
+        .apply_batch_changesets
+        .observe(batch.len() as f64);
+    match shared.store.apply(batch).await {
+        Ok(applied) => {
+            shared.metrics.apply_batches.inc();
+            shared
+                .metrics
+                .apply_seconds
+                .observe(started.elapsed().as_secs_f64());
+            let now = crate::store::WallClock::System.now_ms();
+            let mut worst = 0;
+            for key in &applied.versions {
+                if let Some(ts) = stamps.get(key) {
+                    let lag = now.saturating_sub(*ts);
+                    worst = worst.max(lag);
+                    shared
+                        .metrics
+                        .replication_lag_seconds
+                        .observe(lag as f64 / 1000.0);
+                }
+            }
+            if !applied.versions.is_empty() {
+                shared.metrics.replication_lag_max_ms.set(worst as i64);
+            }
+            for rejected in &applied.rejected {
+                tracing::warn!(site = %rejected.site, version = rejected.version, reason = %rejected.reason, "rejected changeset");
+            }
+        }
+        Err(err) => tracing::error!(error = %err, "applying changes failed"),
+    }
+}
+
+async fn store_events(shared: Arc<Shared>) {
+    let mut events = shared.store.subscribe();
+    loop {
+        let event = tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            event = events.recv() => event,
+        };
+        match event {
+            Ok(event) if !event.local.is_empty() => {
+                if shared
+                    .events
+                    .send(Event::Committed(event.local.clone()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                // Commits were not pushed; anti-entropy delivers them.
+                tracing::warn!(missed, "broadcast fell behind the store's commits");
+                shared
+                    .metrics
+                    .broadcast_dropped
+                    .get_or_create(&ReasonLabel::new("lagged"))
+                    .inc_by(missed);
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+enum SyncOutcome {
+    Complete,
+    Partial,
+    Busy,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error("transport: {0}")]
+    Transport(#[from] crate::transport::TransportError),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("peer went quiet for {0:?}")]
+    Timeout(Duration),
+    #[error("peer closed the session early")]
+    Truncated,
+}
+
+/// Runs a sync session as client: sends our bookkeeping, applies what comes back.
+async fn sync_client(shared: &Shared, peer: SocketAddr) -> Result<SyncOutcome, SyncError> {
+    let conn = shared.transport.connect(peer).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let request = SyncRequest {
+        sites: shared.store.bookkeeping(),
+    };
+    let payload = message::encode(&request).map_err(|e| SyncError::Malformed(e.to_string()))?;
+    write_frame(
+        &mut send,
+        &Frame::new(KIND_SYNC_REQUEST, Bytes::from(payload)),
+    )
+    .await?;
+    let _ = send.finish();
+    let idle = shared.options.sync_idle_timeout;
+    loop {
+        let frame =
+            tokio::time::timeout(idle, read_frame(&mut recv, shared.options.frame_bytes_max))
+                .await
+                .map_err(|_| SyncError::Timeout(idle))??;
+        let Some(frame) = frame else {
+            return Err(SyncError::Truncated);
+        };
+        if frame.kind != KIND_SYNC_REPLY {
+            return Err(SyncError::Malformed(format!("frame kind {}", frame.kind)));
+        }
+        match message::decode::<SyncReply>(&frame.payload)
+            .map_err(|e| SyncError::Malformed(e.to_string()))?
+        {
+            SyncReply::Changes(changesets) => {
+                let via = ViaLabel::sync();
+                shared
+                    .metrics
+                    .changesets_received
+                    .get_or_create(&via)
+                    .inc_by(changesets.len() as u64);
+                shared
+                    .metrics
+                    .bytes_received
+                    .get_or_create(&via)
+                    .inc_by(frame.payload.len() as u64);
+                apply(shared, changesets).await;
+            }
+            SyncReply::Done { complete: true } => return Ok(SyncOutcome::Complete),
+            SyncReply::Done { complete: false } => return Ok(SyncOutcome::Partial),
+            SyncReply::Busy => return Ok(SyncOutcome::Busy),
+        }
+    }
+}
+
+async fn serve_syncs(shared: Arc<Shared>, conn: Conn) {
+    loop {
+        let streams = tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            streams = conn.accept_bi() => streams,
+        };
+        let Ok((send, recv)) = streams else { return };
+        let shared = Arc::clone(&shared);
+        let peer = conn.remote_addr();
+        crate::telemetry::spawn(&shared.tracker.clone(), async move {
+            let role = RoleLabel::server();
+            let result = match Arc::clone(&shared.serving).try_acquire_owned() {
+                Ok(_permit) => {
+                    shared
+                        .metrics
+                        .sync_sessions_active
+                        .get_or_create(&role)
+                        .inc();
+                    let result = serve_sync(&shared, send, recv).await;
+                    shared
+                        .metrics
+                        .sync_sessions_active
+                        .get_or_create(&role)
+                        .dec();
+                    match result {
+                        Ok(true) => SyncResult::Complete,
+                        Ok(false) => SyncResult::Partial,
+                        Err(err) => {
+                            tracing::debug!(%peer, error = %err, "serving a sync session failed");
+                            SyncResult::Failed
+                        }
+                    }
+                }
+                Err(_) => {
+                    let mut send = send;
+                    if let Ok(payload) = message::encode(&SyncReply::Busy) {
+                        let _ = write_frame(
+                            &mut send,
+                            &Frame::new(KIND_SYNC_REPLY, Bytes::from(payload)),
+                        )
+                        .await;
+                    }
+                    let _ = send.finish();
+                    SyncResult::Busy
+                }
+            };
+            shared
+                .metrics
+                .sync_sessions
+                .get_or_create(&SyncLabels::new(Role::Server, result))
+                .inc();
+        });
+    }
+}
+
+/// Serves one sync session: what the client lacks, newest first, up to the session budget.
+/// Returns whether everything was sent.
+async fn serve_sync(
+    shared: &Shared,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<bool, SyncError> {
+    let idle = shared.options.sync_idle_timeout;
+    let frame = tokio::time::timeout(idle, read_frame(&mut recv, shared.options.frame_bytes_max))
+        .await
+        .map_err(|_| SyncError::Timeout(idle))??
+        .ok_or(SyncError::Truncated)?;
+    if frame.kind != KIND_SYNC_REQUEST {
+        return Err(SyncError::Malformed(format!("frame kind {}", frame.kind)));
+    }
+    let request: SyncRequest =
+        message::decode(&frame.payload).map_err(|e| SyncError::Malformed(e.to_string()))?;
+    let ours = shared.store.bookkeeping();
+    let missing = sync::missing(&ours, &request.sites);
+    let (windows, complete) = sync::plan(
+        &missing,
+        shared.sync.session_versions_max,
+        SYNC_WINDOW_VERSIONS,
+    );
+    let mut batch: Vec<Changeset> = Vec::new();
+    let mut size = 0;
+    for (site, range) in windows {
+        let store = shared.store.clone();
+        let changesets = tokio::task::spawn_blocking(move || store.changes(site, range))
+            .await
+            .map_err(|e| SyncError::Malformed(format!("extraction task: {e}")))??;
+        for changeset in changesets {
+            size += changeset
+                .changes
+                .iter()
+                .map(|c| c.size_hint())
+                .sum::<usize>()
+                + 64;
+            batch.push(changeset);
+            if size >= shared.sync.frame_bytes_max {
+                send_reply(&mut send, &SyncReply::Changes(std::mem::take(&mut batch))).await?;
+                size = 0;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        send_reply(&mut send, &SyncReply::Changes(batch)).await?;
+    }
+    send_reply(&mut send, &SyncReply::Done { complete }).await?;
+    let _ = send.finish();
+    Ok(complete)
+}
+
+async fn send_reply(send: &mut quinn::SendStream, reply: &SyncReply) -> Result<(), SyncError> {
+    let payload = message::encode(reply).map_err(|e| SyncError::Malformed(e.to_string()))?;
+    write_frame(send, &Frame::new(KIND_SYNC_REPLY, Bytes::from(payload))).await?;
+    Ok(())
+}

@@ -1,0 +1,1152 @@
+//! The node's Prometheus metrics: one [`Metrics`] value per node, built on an explicit
+//! `prometheus-client` [`Registry`], so several nodes in one test process never share a series.
+//!
+//! It owns the metric names, their help texts, units and bucket bounds, the label types, and the
+//! OpenMetrics text exposition ([`Metrics::encode`]). Counters and gauges that live elsewhere
+//! (the store's bookkeeping, the transport's path statistics) are exported through
+//! [`MetricSource`]: read at scrape time, never copied on a hot path.
+//!
+//! Rules it keeps:
+//! - Every name starts with `strata_`, carries its base unit (`_seconds`, `_bytes`) and, for
+//!   counters, ends in `_total` (added by `prometheus-client`, never by hand).
+//! - Labels are low-cardinality by construction: enums, or `&'static str` values that callers
+//!   take from a fixed list. Never a key, a site id, a peer address or an error string.
+//! - No globals: nothing here registers with a process-wide registry.
+//!
+//! It must not do I/O, spawn tasks or block: updating a metric is an atomic operation, and a
+//! scrape only takes the short [`std::sync::Mutex`] around the list of sources (never held across
+//! an `.await`, never held while a source is read). It knows nothing of HTTP; `admin` serves it.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Metric, Registry, Unit};
+
+/// The prefix of every metric name (the registry adds the `_`).
+const PREFIX: &str = "strata";
+
+/// Upper bounds of [`Metrics::apply_batch_changesets`]: powers of two from 1 to 16,384, the
+/// range between a single broadcast changeset and a large anti-entropy chunk.
+const APPLY_BATCH_CHANGESETS_BUCKETS: u16 = 15;
+
+/// Upper bounds of [`Metrics::apply_seconds`] and [`Metrics::api_request_seconds`], 0.1 ms to
+/// 10 s: 1-2.5-5 steps per decade (about ×2.15 each), so the `le` labels stay readable.
+const SECONDS_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Upper bounds of [`Metrics::replication_lag_seconds`], 0.5 ms (same host, idle) to 60 s (a
+/// node catching up after a partition), in 1-2.5-5 steps.
+const LAG_SECONDS_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// A membership change, the `event` label of [`Metrics::member_events`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemberEvent {
+    /// A member became live (`up`).
+    Up,
+    /// A member was declared down (`down`).
+    Down,
+}
+
+impl MemberEvent {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberEvent::Up => "up",
+            MemberEvent::Down => "down",
+        }
+    }
+}
+
+/// How a changeset arrived, the `via` label of [`Metrics::changesets_received`] and
+/// [`Metrics::bytes_received`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Via {
+    /// Pushed by a broadcast (`broadcast`).
+    Broadcast,
+    /// Pulled by an anti-entropy sync session (`sync`).
+    Sync,
+}
+
+impl Via {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Broadcast => "broadcast",
+            Via::Sync => "sync",
+        }
+    }
+}
+
+/// Which side of a sync session this node is, the `role` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// This node asked for the session (`client`).
+    Client,
+    /// A peer asked this node (`server`).
+    Server,
+}
+
+impl Role {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Server => "server",
+        }
+    }
+}
+
+/// How a sync session ended, the `result` label of [`Metrics::sync_sessions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyncResult {
+    /// Everything missing was exchanged (`complete`).
+    Complete,
+    /// Some chunks arrived before the session stopped (`partial`).
+    Partial,
+    /// Nothing useful was exchanged (`failed`).
+    Failed,
+    /// The server refused: too many sessions at once (`busy`).
+    Busy,
+}
+
+impl SyncResult {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncResult::Complete => "complete",
+            SyncResult::Partial => "partial",
+            SyncResult::Failed => "failed",
+            SyncResult::Busy => "busy",
+        }
+    }
+}
+
+// The derive of `EncodeLabelValue` writes the variant's identifier (`Up`); Prometheus label
+// values are lower case by convention, so these are written by hand.
+macro_rules! label_value_as_str {
+    ($($ty:ty),*) => {$(
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+                EncodeLabelValue::encode(&self.as_str(), encoder)
+            }
+        }
+    )*};
+}
+label_value_as_str!(MemberEvent, Via, Role, SyncResult);
+
+/// Labels of [`Metrics::member_events`]: `event`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EventLabel {
+    /// Up or down.
+    pub event: MemberEvent,
+}
+
+/// Labels of the `*_dropped` families: `reason`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why it was dropped: a short snake_case word from a fixed list owned by the caller
+    /// (`queue_full`, `oversized`, `decode`, ...). Never an error message.
+    pub reason: &'static str,
+}
+
+/// Labels of [`Metrics::changesets_received`] and [`Metrics::bytes_received`]: `via`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ViaLabel {
+    /// Broadcast or sync.
+    pub via: Via,
+}
+
+/// Labels of [`Metrics::sync_sessions`]: `role` and `result`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SyncLabels {
+    /// Client or server.
+    pub role: Role,
+    /// How the session ended.
+    pub result: SyncResult,
+}
+
+/// Labels of [`Metrics::sync_sessions_active`]: `role`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RoleLabel {
+    /// Client or server.
+    pub role: Role,
+}
+
+/// Labels of [`Metrics::api_requests`]: `method` and `code`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// The gRPC method's name (`Transact`, `Query`, ...): a fixed list.
+    pub method: &'static str,
+    /// The status code's name as the gRPC spec writes it (`OK`, `INVALID_ARGUMENT`,
+    /// `RESOURCE_EXHAUSTED`, ...). Never the status message.
+    pub code: &'static str,
+}
+
+/// Labels of [`Metrics::api_request_seconds`]: `method`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct MethodLabel {
+    /// The gRPC method's name (`Transact`, `Query`, ...): a fixed list.
+    pub method: &'static str,
+}
+
+impl EventLabel {
+    /// `event="up"`.
+    pub fn up() -> EventLabel {
+        EventLabel {
+            event: MemberEvent::Up,
+        }
+    }
+
+    /// `event="down"`.
+    pub fn down() -> EventLabel {
+        EventLabel {
+            event: MemberEvent::Down,
+        }
+    }
+}
+
+impl ReasonLabel {
+    /// `reason="<reason>"`; `reason` comes from a fixed list (see [`ReasonLabel::reason`]).
+    pub fn new(reason: &'static str) -> ReasonLabel {
+        ReasonLabel { reason }
+    }
+}
+
+impl ViaLabel {
+    /// `via="broadcast"`.
+    pub fn broadcast() -> ViaLabel {
+        ViaLabel {
+            via: Via::Broadcast,
+        }
+    }
+
+    /// `via="sync"`.
+    pub fn sync() -> ViaLabel {
+        ViaLabel { via: Via::Sync }
+    }
+}
+
+impl SyncLabels {
+    /// `role="<role>",result="<result>"`.
+    pub fn new(role: Role, result: SyncResult) -> SyncLabels {
+        SyncLabels { role, result }
+    }
+}
+
+impl RoleLabel {
+    /// `role="client"`.
+    pub fn client() -> RoleLabel {
+        RoleLabel { role: Role::Client }
+    }
+
+    /// `role="server"`.
+    pub fn server() -> RoleLabel {
+        RoleLabel { role: Role::Server }
+    }
+}
+
+impl ApiLabels {
+    /// `method="<method>",code="<code>"`; `code` is the gRPC spec's name (`OK`,
+    /// `INVALID_ARGUMENT`, ...), see [`ApiLabels::code`].
+    pub fn new(method: &'static str, code: &'static str) -> ApiLabels {
+        ApiLabels { method, code }
+    }
+}
+
+impl MethodLabel {
+    /// `method="<method>"`.
+    pub fn new(method: &'static str) -> MethodLabel {
+        MethodLabel { method }
+    }
+}
+
+/// Labels of `strata_build_info`: per-process constants, so one series per process.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildInfoLabels {
+    version: &'static str,
+    node: String,
+    tier: String,
+    region: String,
+}
+
+/// Whether a [`Sample`] is a counter or a gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleKind {
+    /// Only goes up (restarts from zero when the process does); exposed with `_total`.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+}
+
+/// One value read from a [`MetricSource`] at scrape time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The exposed name, with the `strata_` prefix (so that a name seen on a dashboard can be
+    /// found in the code), its base unit last and, for a counter, without `_total` (added):
+    /// `strata_store_wal_bytes`, `strata_store_commits`. It must match `strata_[a-z0-9_]+`
+    /// and be unique in the exposition; a sample that breaks a rule is left out of the scrape
+    /// and logged.
+    pub name: &'static str,
+    /// One line saying what it counts.
+    pub help: &'static str,
+    /// Counter or gauge.
+    pub kind: SampleKind,
+    /// The value now. A counter must be finite and not negative, or it is left out.
+    pub value: f64,
+}
+
+/// Something that owns counters or gauges kept elsewhere and reports them at scrape time.
+///
+/// `collect` runs on the scraping task: it must be quick and must not block (read atomics or
+/// a snapshot, never a lock held by a hot path for long, never the database), and it must not
+/// call back into [`Metrics`].
+pub trait MetricSource: Send + Sync + fmt::Debug {
+    /// The current values.
+    fn collect(&self) -> Vec<Sample>;
+}
+
+/// Every metric of one node.
+///
+/// The fields are handles: updating one is an atomic operation, and cloning one yields
+/// another handle to the same series. Share the whole value as `Arc<Metrics>`.
+#[derive(Debug)]
+pub struct Metrics {
+    /// `strata_members`: live members, not counting this node.
+    pub members: Gauge,
+    /// `strata_member_events_total{event}`: members that came up or went down.
+    pub member_events: Family<EventLabel, Counter>,
+    /// `strata_swim_backlog`: membership updates still waiting to be gossiped.
+    pub swim_backlog: Gauge,
+
+    /// `strata_datagrams_sent_total`: membership datagrams sent.
+    pub datagrams_sent: Counter,
+    /// `strata_datagrams_received_total`: membership datagrams received.
+    pub datagrams_received: Counter,
+    /// `strata_datagrams_dropped_total{reason}`: datagrams dropped, sent or received.
+    pub datagrams_dropped: Family<ReasonLabel, Counter>,
+
+    /// `strata_broadcast_changesets_sent_total`: changesets pushed to peers (one per peer).
+    pub broadcast_changesets_sent: Counter,
+    /// `strata_broadcast_sent_bytes_total`: bytes of changesets pushed to peers.
+    pub broadcast_bytes_sent: Counter,
+    /// `strata_broadcast_dropped_total{reason}`: broadcasts not sent (anti-entropy repairs them).
+    pub broadcast_dropped: Family<ReasonLabel, Counter>,
+
+    /// `strata_changesets_received_total{via}`: changesets received from peers.
+    pub changesets_received: Family<ViaLabel, Counter>,
+    /// `strata_changesets_received_bytes_total{via}`: bytes of changesets received.
+    pub bytes_received: Family<ViaLabel, Counter>,
+    /// `strata_changesets_duplicate_total`: received changesets that were already known.
+    pub changesets_duplicate: Counter,
+
+    /// `strata_apply_batches_total`: write transactions that applied remote changesets.
+    pub apply_batches: Counter,
+    /// `strata_apply_batch_changesets`: changesets per applied batch.
+    pub apply_batch_changesets: Histogram,
+    /// `strata_apply_seconds`: time to apply one batch.
+    pub apply_seconds: Histogram,
+    /// `strata_apply_queue_depth`: changesets waiting to be applied.
+    pub apply_queue_depth: Gauge,
+    /// `strata_apply_dropped_total`: changesets not queued because the apply queue was full
+    /// (anti-entropy fetches them again).
+    pub apply_dropped: Counter,
+
+    /// `strata_replication_lag_seconds`: from a change's commit at its origin to its apply here.
+    pub replication_lag_seconds: Histogram,
+    /// The largest recent lag, in milliseconds, set by the replication code. Exposed in base
+    /// units as `strata_replication_lag_max_seconds`.
+    pub replication_lag_max_ms: Gauge,
+
+    /// `strata_sync_sessions_total{role,result}`: anti-entropy sessions finished.
+    pub sync_sessions: Family<SyncLabels, Counter>,
+    /// `strata_sync_sessions_active{role}`: anti-entropy sessions running.
+    pub sync_sessions_active: Family<RoleLabel, Gauge>,
+
+    /// `strata_peer_queue_depth`: messages queued for peers, all peers together.
+    pub peer_queue_depth: Gauge,
+
+    /// `strata_api_requests_total{method,code}`: gRPC requests finished.
+    pub api_requests: Family<ApiLabels, Counter>,
+    /// `strata_api_request_seconds{method}`: gRPC request duration.
+    pub api_request_seconds: Family<MethodLabel, Histogram>,
+
+    /// `strata_subscriptions`: distinct subscribed queries.
+    pub subscriptions: Gauge,
+    /// `strata_subscribers`: open subscription streams.
+    pub subscribers: Gauge,
+    /// `strata_subscribers_cut_total`: subscribers cut off for being too slow.
+    pub subscribers_cut: Counter,
+
+    /// `strata_ready`: 1 when the node serves reads, else 0.
+    pub ready: Gauge,
+    /// `strata_caught_up`: 1 once the node has caught up with its peers, else 0.
+    pub caught_up: Gauge,
+
+    /// Everything above, plus `strata_build_info` and the collectors; immutable after `new`.
+    registry: Registry,
+    /// The sources added with [`Metrics::add_source`], shared with the collector that reads them.
+    sources: Arc<Mutex<Vec<Arc<dyn MetricSource>>>>,
+}
+
+impl Metrics {
+    /// Creates a node's metrics and registers `strata_build_info{version,node,tier,region} 1`.
+    /// `node`, `tier` and `region` are constants of the process, so they appear there only.
+    pub fn new(node: &str, tier: &str, region: &str) -> Metrics {
+        let mut b = Builder {
+            registry: Registry::with_prefix(PREFIX),
+            names: HashSet::new(),
+        };
+
+        let build_info = b.add(
+            "build_info",
+            "Build and identity of this process (always 1)",
+            Family::<BuildInfoLabels, Gauge>::default(),
+        );
+        build_info
+            .get_or_create(&BuildInfoLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                node: node.to_owned(),
+                tier: tier.to_owned(),
+                region: region.to_owned(),
+            })
+            .set(1);
+
+        let sources = Arc::new(Mutex::new(Vec::new()));
+        let replication_lag_max_ms = Gauge::default();
+        let metrics = Metrics {
+            members: b.add(
+                "members",
+                "Live cluster members, not counting this node",
+                Gauge::default(),
+            ),
+            member_events: b.add(
+                "member_events",
+                "Members that came up or went down",
+                Family::default(),
+            ),
+            swim_backlog: b.add(
+                "swim_backlog",
+                "Membership updates still waiting to be gossiped",
+                Gauge::default(),
+            ),
+
+            datagrams_sent: b.add(
+                "datagrams_sent",
+                "Membership datagrams sent",
+                Counter::default(),
+            ),
+            datagrams_received: b.add(
+                "datagrams_received",
+                "Membership datagrams received",
+                Counter::default(),
+            ),
+            datagrams_dropped: b.add(
+                "datagrams_dropped",
+                "Datagrams dropped, by reason",
+                Family::default(),
+            ),
+
+            broadcast_changesets_sent: b.add(
+                "broadcast_changesets_sent",
+                "Changesets pushed to peers, one per peer",
+                Counter::default(),
+            ),
+            broadcast_bytes_sent: b.add_with_unit(
+                "broadcast_sent",
+                "Bytes of changesets pushed to peers",
+                Unit::Bytes,
+                Counter::default(),
+            ),
+            broadcast_dropped: b.add(
+                "broadcast_dropped",
+                "Broadcasts not sent, by reason; anti-entropy repairs them",
+                Family::default(),
+            ),
+
+            changesets_received: b.add(
+                "changesets_received",
+                "Changesets received from peers, by path",
+                Family::default(),
+            ),
+            bytes_received: b.add_with_unit(
+                "changesets_received",
+                "Bytes of changesets received from peers, by path",
+                Unit::Bytes,
+                Family::default(),
+            ),
+            changesets_duplicate: b.add(
+                "changesets_duplicate",
+                "Received changesets that were already known",
+                Counter::default(),
+            ),
+
+            apply_batches: b.add(
+                "apply_batches",
+                "Transactions that applied remote changesets",
+                Counter::default(),
+            ),
+            apply_batch_changesets: b.add(
+                "apply_batch_changesets",
+                "Changesets per applied batch",
+                Histogram::new(exponential_buckets(
+                    1.0,
+                    2.0,
+                    APPLY_BATCH_CHANGESETS_BUCKETS,
+                )),
+            ),
+            apply_seconds: b.add_with_unit(
+                "apply",
+                "Time to apply one batch of remote changesets",
+                Unit::Seconds,
+                Histogram::new(SECONDS_BUCKETS),
+            ),
+            apply_queue_depth: b.add(
+                "apply_queue_depth",
+                "Changesets waiting to be applied",
+                Gauge::default(),
+            ),
+            apply_dropped: b.add(
+                "apply_dropped",
+                "Changesets not queued because the apply queue was full",
+                Counter::default(),
+            ),
+
+            replication_lag_seconds: b.add_with_unit(
+                "replication_lag",
+                "Time from a change's commit at its origin to its apply on this node",
+                Unit::Seconds,
+                Histogram::new(LAG_SECONDS_BUCKETS),
+            ),
+            replication_lag_max_ms: replication_lag_max_ms.clone(),
+
+            sync_sessions: b.add(
+                "sync_sessions",
+                "Anti-entropy sessions finished",
+                Family::default(),
+            ),
+            sync_sessions_active: b.add(
+                "sync_sessions_active",
+                "Anti-entropy sessions running",
+                Family::default(),
+            ),
+
+            peer_queue_depth: b.add(
+                "peer_queue_depth",
+                "Messages queued for peers, all peers together",
+                Gauge::default(),
+            ),
+
+            api_requests: b.add(
+                "api_requests",
+                "gRPC requests finished, by method and status code",
+                Family::default(),
+            ),
+            api_request_seconds: b.add_with_unit(
+                "api_request",
+                "gRPC request duration, by method",
+                Unit::Seconds,
+                Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
+            ),
+
+            subscriptions: b.add(
+                "subscriptions",
+                "Distinct subscribed queries",
+                Gauge::default(),
+            ),
+            subscribers: b.add("subscribers", "Open subscription streams", Gauge::default()),
+            subscribers_cut: b.add(
+                "subscribers_cut",
+                "Subscribers cut off for being too slow",
+                Counter::default(),
+            ),
+
+            ready: b.add(
+                "ready",
+                "1 when the node serves reads, else 0",
+                Gauge::default(),
+            ),
+            caught_up: b.add(
+                "caught_up",
+                "1 once the node has caught up with its peers, else 0",
+                Gauge::default(),
+            ),
+
+            registry: b.finish(replication_lag_max_ms, Arc::clone(&sources)),
+            sources,
+        };
+        metrics.zero_known_series();
+        metrics
+    }
+
+    /// Exports the samples of `source`, read at every scrape from now on.
+    pub fn add_source(&self, source: Box<dyn MetricSource>) {
+        lock_sources(&self.sources).push(Arc::from(source));
+    }
+
+    /// The OpenMetrics text exposition of every metric, ending in `# EOF`.
+    ///
+    /// Encoding into a `String` fails only if a metric refuses to encode, which none here
+    /// does; if it ever happens the failure is logged and an empty exposition returned, rather
+    /// than a truncated one that a scraper would misread.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            Ok(()) => out,
+            Err(error) => {
+                tracing::error!(%error, "could not encode the metrics");
+                "# EOF\n".to_owned()
+            }
+        }
+    }
+
+    /// Creates the series of every fixed label combination at zero, so that dashboards and
+    /// `rate()` see them before the first event rather than a missing series.
+    fn zero_known_series(&self) {
+        // `get_or_create` alone creates the series; `inc_by(0)` / `set(0)` release its guard at once.
+        for event in [MemberEvent::Up, MemberEvent::Down] {
+            self.member_events
+                .get_or_create(&EventLabel { event })
+                .inc_by(0);
+        }
+        for via in [Via::Broadcast, Via::Sync] {
+            self.changesets_received
+                .get_or_create(&ViaLabel { via })
+                .inc_by(0);
+            self.bytes_received
+                .get_or_create(&ViaLabel { via })
+                .inc_by(0);
+        }
+        for role in [Role::Client, Role::Server] {
+            self.sync_sessions_active
+                .get_or_create(&RoleLabel { role })
+                .set(0);
+            for result in [
+                SyncResult::Complete,
+                SyncResult::Partial,
+                SyncResult::Failed,
+                SyncResult::Busy,
+            ] {
+                self.sync_sessions
+                    .get_or_create(&SyncLabels { role, result })
+                    .inc_by(0);
+            }
+        }
+    }
+}
+
+/// A fresh histogram with [`SECONDS_BUCKETS`], for [`Metrics::api_request_seconds`].
+fn seconds_histogram() -> Histogram {
+    Histogram::new(SECONDS_BUCKETS)
+}
+
+/// Locks the source list. Poisoning is ignored: a push cannot leave the list half-written.
+fn lock_sources(
+    sources: &Mutex<Vec<Arc<dyn MetricSource>>>,
+) -> std::sync::MutexGuard<'_, Vec<Arc<dyn MetricSource>>> {
+    sources.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Registers metrics and remembers their exposed family names, so that a source cannot reuse one.
+struct Builder {
+    registry: Registry,
+    /// Family names as exposed, without the prefix: `members`, `apply_seconds`.
+    names: HashSet<String>,
+}
+
+impl Builder {
+    fn add<M: Metric + Clone>(&mut self, name: &str, help: &str, metric: M) -> M {
+        let fresh = self.names.insert(name.to_owned());
+        debug_assert!(fresh, "metric {name} registered twice");
+        self.registry.register(name, help, metric.clone());
+        metric
+    }
+
+    fn add_with_unit<M: Metric + Clone>(
+        &mut self,
+        name: &str,
+        help: &str,
+        unit: Unit,
+        metric: M,
+    ) -> M {
+        let fresh = self.names.insert(format!("{name}_{}", unit.as_str()));
+        debug_assert!(fresh, "metric {name} registered twice");
+        self.registry
+            .register_with_unit(name, help, unit, metric.clone());
+        metric
+    }
+
+    /// Adds the collectors (the lag in seconds, then the sources) and returns the registry.
+    fn finish(
+        mut self,
+        lag_max_ms: Gauge,
+        sources: Arc<Mutex<Vec<Arc<dyn MetricSource>>>>,
+    ) -> Registry {
+        // The milliseconds gauge is set by others; the exposition converts it to base units.
+        self.names.insert("replication_lag_max_seconds".to_owned());
+        self.registry.register_collector(Box::new(LagMaxCollector {
+            gauge_ms: lag_max_ms,
+        }));
+        // Last, so that `reserved` holds every other name.
+        self.registry.register_collector(Box::new(SourceCollector {
+            sources,
+            reserved: self.names,
+        }));
+        self.registry
+    }
+}
+
+/// Exposes [`Metrics::replication_lag_max_ms`] as `strata_replication_lag_max_seconds`.
+#[derive(Debug)]
+struct LagMaxCollector {
+    gauge_ms: Gauge,
+}
+
+impl Collector for LagMaxCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        // Milliseconds fit an f64 exactly up to 2^53, far beyond any lag.
+        let gauge = ConstGauge::new(self.gauge_ms.get() as f64 / 1000.0);
+        let unit = Unit::Seconds;
+        let metric_encoder = encoder.encode_descriptor(
+            "replication_lag_max",
+            "Largest recent replication lag.",
+            Some(&unit),
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric_encoder)
+    }
+}
+
+/// Reads every [`MetricSource`] at scrape time.
+#[derive(Debug)]
+struct SourceCollector {
+    sources: Arc<Mutex<Vec<Arc<dyn MetricSource>>>>,
+    /// Names of the registered families, which a sample may not reuse.
+    reserved: HashSet<String>,
+}
+
+impl Collector for SourceCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        // Copy the handles so that no lock is held while the sources are read.
+        let sources: Vec<Arc<dyn MetricSource>> = lock_sources(&self.sources).clone();
+        let mut seen: HashSet<&'static str> = HashSet::new();
+        for source in &sources {
+            for sample in source.collect() {
+                let name = match self.check(&sample, &seen) {
+                    Ok(name) => name,
+                    Err(problem) => {
+                        tracing::warn!(
+                            name = sample.name,
+                            ?source,
+                            problem,
+                            "metric sample left out of the scrape"
+                        );
+                        continue;
+                    }
+                };
+                seen.insert(name);
+                match sample.kind {
+                    SampleKind::Counter => {
+                        let counter = ConstCounter::new(sample.value);
+                        let metric_encoder = encoder.encode_descriptor(
+                            name,
+                            sample.help,
+                            None,
+                            counter.metric_type(),
+                        )?;
+                        counter.encode(metric_encoder)?;
+                    }
+                    SampleKind::Gauge => {
+                        let gauge = ConstGauge::new(sample.value);
+                        let metric_encoder = encoder.encode_descriptor(
+                            name,
+                            sample.help,
+                            None,
+                            gauge.metric_type(),
+                        )?;
+                        gauge.encode(metric_encoder)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SourceCollector {
+    /// The name to encode (without the prefix, which the registry adds), or why `sample`
+    /// cannot be exposed.
+    fn check(
+        &self,
+        sample: &Sample,
+        seen: &HashSet<&'static str>,
+    ) -> Result<&'static str, &'static str> {
+        let Some(name) = sample
+            .name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.strip_prefix('_'))
+        else {
+            return Err("the name does not start with strata_");
+        };
+        let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+        if name.is_empty() || !name.chars().all(valid) {
+            return Err("the name is not snake_case ASCII");
+        }
+        if name.starts_with('_') || name.contains("__") || sample.help.contains('\n') {
+            return Err("the name has a double underscore or the help a newline");
+        }
+        if sample.kind == SampleKind::Counter {
+            if name.ends_with("_total") {
+                return Err("a counter's name must not end in _total (it is added)");
+            }
+            if !sample.value.is_finite() || sample.value < 0.0 {
+                return Err("a counter must be finite and not negative");
+            }
+        }
+        if self.reserved.contains(name) || seen.contains(name) {
+            return Err("the name is already exposed");
+        }
+        Ok(name)
+    }
+}
+
+/// Walks an exposition and returns how many counter families it has and every sample of a
+/// counter family not named `<family>_total` (or `_created`). Shared with `admin`'s tests.
+#[cfg(test)]
+pub(crate) fn counter_samples_without_total(exposition: &str) -> (usize, Vec<&str>) {
+    let mut family: Option<(&str, &str)> = None;
+    let mut counters = 0;
+    let mut offending = Vec::new();
+    for line in exposition.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            family = rest.split_once(' ');
+            counters += usize::from(family.is_some_and(|(_, kind)| kind == "counter"));
+        } else if !line.starts_with('#') {
+            let series = line.split(['{', ' ']).next().unwrap_or_default();
+            if let Some((name, "counter")) = family {
+                let total = series.strip_prefix(name) == Some("_total");
+                let created = series.strip_prefix(name) == Some("_created");
+                if !total && !created {
+                    offending.push(line);
+                }
+            }
+        }
+    }
+    (counters, offending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Fixed(Vec<Sample>);
+
+    impl MetricSource for Fixed {
+        fn collect(&self) -> Vec<Sample> {
+            self.0.clone()
+        }
+    }
+
+    fn sample(name: &'static str, kind: SampleKind, value: f64) -> Sample {
+        Sample {
+            name,
+            help: "A test sample.",
+            kind,
+            value,
+        }
+    }
+
+    /// Every `# TYPE name kind` line of an exposition.
+    fn families(text: &str) -> Vec<(&str, &str)> {
+        text.lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split_once(' '))
+            .collect()
+    }
+
+    #[test]
+    fn exposition_has_every_metric_with_prefix_units_and_eof() {
+        let metrics = Metrics::new("n1", "regional", "eu-west");
+        metrics
+            .api_requests
+            .get_or_create(&ApiLabels {
+                method: "Transact",
+                code: "OK",
+            })
+            .inc();
+        metrics
+            .api_request_seconds
+            .get_or_create(&MethodLabel { method: "Transact" })
+            .observe(0.003);
+        metrics
+            .datagrams_dropped
+            .get_or_create(&ReasonLabel {
+                reason: "oversized",
+            })
+            .inc();
+        metrics
+            .broadcast_dropped
+            .get_or_create(&ReasonLabel {
+                reason: "queue_full",
+            })
+            .inc();
+        let text = metrics.encode();
+
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let names: Vec<&str> = families(&text).iter().map(|(name, _)| *name).collect();
+        for expected in [
+            "strata_build_info",
+            "strata_members",
+            "strata_member_events",
+            "strata_swim_backlog",
+            "strata_datagrams_sent",
+            "strata_datagrams_received",
+            "strata_datagrams_dropped",
+            "strata_broadcast_changesets_sent",
+            "strata_broadcast_sent_bytes",
+            "strata_broadcast_dropped",
+            "strata_changesets_received",
+            "strata_changesets_received_bytes",
+            "strata_changesets_duplicate",
+            "strata_apply_batches",
+            "strata_apply_batch_changesets",
+            "strata_apply_seconds",
+            "strata_apply_queue_depth",
+            "strata_apply_dropped",
+            "strata_replication_lag_seconds",
+            "strata_replication_lag_max_seconds",
+            "strata_sync_sessions",
+            "strata_sync_sessions_active",
+            "strata_peer_queue_depth",
+            "strata_api_requests",
+            "strata_api_request_seconds",
+            "strata_subscriptions",
+            "strata_subscribers",
+            "strata_subscribers_cut",
+            "strata_ready",
+            "strata_caught_up",
+        ] {
+            assert!(names.contains(&expected), "{expected} missing from\n{text}");
+        }
+        assert!(
+            names.iter().all(|name| name.starts_with("strata_")),
+            "{names:?}"
+        );
+        assert!(
+            text.contains(&format!(
+                "strata_build_info{{version=\"{}\",node=\"n1\",tier=\"regional\",region=\"eu-west\"}} 1\n",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("# UNIT strata_apply_seconds seconds\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("strata_api_requests_total{method=\"Transact\",code=\"OK\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "strata_api_request_seconds_bucket{le=\"0.005\",method=\"Transact\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("strata_apply_batch_changesets_bucket{le=\"16384.0\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("strata_replication_lag_seconds_bucket{le=\"60.0\"} 0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_counter_sample_ends_in_total() {
+        let metrics = Metrics::new("n1", "regional", "eu-west");
+        metrics.add_source(Box::new(Fixed(vec![sample(
+            "strata_wal_checkpoints",
+            SampleKind::Counter,
+            3.0,
+        )])));
+        let text = metrics.encode();
+        let (counters, offending) = counter_samples_without_total(&text);
+        assert!(counters > 10, "only {counters} counter families in\n{text}");
+        assert!(offending.is_empty(), "{offending:?}");
+        assert!(
+            text.contains("strata_wal_checkpoints_total 3.0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn fixed_label_combinations_start_at_zero_in_lower_case() {
+        let text = Metrics::new("n1", "regional", "eu-west").encode();
+        for line in [
+            "strata_member_events_total{event=\"up\"} 0",
+            "strata_member_events_total{event=\"down\"} 0",
+            "strata_changesets_received_total{via=\"broadcast\"} 0",
+            "strata_changesets_received_bytes_total{via=\"sync\"} 0",
+            "strata_sync_sessions_total{role=\"client\",result=\"busy\"} 0",
+            "strata_sync_sessions_total{role=\"server\",result=\"complete\"} 0",
+            "strata_sync_sessions_active{role=\"server\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn updates_show_in_the_exposition() {
+        let metrics = Metrics::new("n1", "regional", "eu-west");
+        metrics.members.set(4);
+        metrics
+            .member_events
+            .get_or_create(&EventLabel {
+                event: MemberEvent::Down,
+            })
+            .inc();
+        metrics
+            .bytes_received
+            .get_or_create(&ViaLabel { via: Via::Sync })
+            .inc_by(1500);
+        metrics
+            .sync_sessions
+            .get_or_create(&SyncLabels {
+                role: Role::Server,
+                result: SyncResult::Partial,
+            })
+            .inc();
+        metrics.apply_seconds.observe(0.0002);
+        metrics.replication_lag_max_ms.set(1250);
+        let text = metrics.encode();
+        for line in [
+            "strata_members 4",
+            "strata_member_events_total{event=\"down\"} 1",
+            "strata_changesets_received_bytes_total{via=\"sync\"} 1500",
+            "strata_sync_sessions_total{role=\"server\",result=\"partial\"} 1",
+            "strata_apply_seconds_bucket{le=\"0.00025\"} 1",
+            "strata_apply_seconds_count 1",
+            "strata_replication_lag_max_seconds 1.25",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn nodes_in_one_process_do_not_share_series() {
+        let a = Metrics::new("a", "regional", "eu-west");
+        let b = Metrics::new("b", "regional", "eu-west");
+        a.datagrams_sent.inc_by(7);
+        assert!(a.encode().contains("strata_datagrams_sent_total 7\n"));
+        assert!(b.encode().contains("strata_datagrams_sent_total 0\n"));
+    }
+
+    #[test]
+    fn sources_are_read_at_scrape_time() {
+        #[derive(Debug, Default)]
+        struct Live(std::sync::atomic::AtomicU64);
+        impl MetricSource for Live {
+            fn collect(&self) -> Vec<Sample> {
+                let value = self.0.load(std::sync::atomic::Ordering::Relaxed) as f64;
+                vec![Sample {
+                    name: "strata_wal_bytes",
+                    help: "Size of the write-ahead log.",
+                    kind: SampleKind::Gauge,
+                    value,
+                }]
+            }
+        }
+        let live = Arc::new(Live::default());
+        #[derive(Debug)]
+        struct Shared(Arc<Live>);
+        impl MetricSource for Shared {
+            fn collect(&self) -> Vec<Sample> {
+                self.0.collect()
+            }
+        }
+
+        let metrics = Metrics::new("n1", "regional", "eu-west");
+        metrics.add_source(Box::new(Shared(Arc::clone(&live))));
+        metrics.add_source(Box::new(Fixed(vec![sample(
+            "strata_store_commits",
+            SampleKind::Counter,
+            12.0,
+        )])));
+        assert!(metrics.encode().contains("\nstrata_wal_bytes 0.0\n"));
+        live.0.store(4096, std::sync::atomic::Ordering::Relaxed);
+        let text = metrics.encode();
+        assert!(
+            text.contains("# TYPE strata_wal_bytes gauge\nstrata_wal_bytes 4096.0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE strata_store_commits counter\nstrata_store_commits_total 12.0\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn bad_samples_are_left_out_not_encoded() {
+        let metrics = Metrics::new("n1", "regional", "eu-west");
+        metrics.add_source(Box::new(Fixed(vec![
+            sample("strata_members", SampleKind::Gauge, 1.0),
+            sample("strata_apply_seconds", SampleKind::Gauge, 1.0),
+            sample("wal_bytes", SampleKind::Gauge, 1.0),
+            sample("strata_bad-name", SampleKind::Gauge, 1.0),
+            sample("strata_Upper", SampleKind::Gauge, 1.0),
+            sample("strata_", SampleKind::Gauge, 1.0),
+            sample("strata__double", SampleKind::Gauge, 1.0),
+            sample("", SampleKind::Gauge, 1.0),
+            sample("strata_sent_total", SampleKind::Counter, 1.0),
+            sample("strata_negative", SampleKind::Counter, -1.0),
+            sample("strata_not_a_number", SampleKind::Counter, f64::NAN),
+            sample("strata_twice", SampleKind::Gauge, 1.0),
+            sample("strata_twice", SampleKind::Gauge, 2.0),
+        ])));
+        let text = metrics.encode();
+        assert_eq!(text.matches("# TYPE strata_members ").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("# TYPE strata_apply_seconds ").count(),
+            1,
+            "{text}"
+        );
+        for absent in [
+            "wal_bytes",
+            "bad-name",
+            "Upper",
+            "double",
+            "strata_sent_total",
+            "negative",
+            "not_a_number",
+            "strata_strata",
+            "strata_ ",
+        ] {
+            assert!(!text.contains(absent), "{absent} in\n{text}");
+        }
+        assert!(text.contains("\nstrata_twice 1.0\n"), "{text}");
+        assert!(!text.contains("\nstrata_twice 2.0\n"), "{text}");
+    }
+}

@@ -93,13 +93,54 @@ pub struct ClusterView {
     pub caught_up: bool,
 }
 
+/// Application-level fault injection: everything to and from a blocked peer is dropped
+/// (packets, pushes, sync sessions), as if the network between them were cut. For partition
+/// tests, and for an operator who must isolate a misbehaving peer by hand.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    blocked: Arc<std::sync::RwLock<std::collections::HashSet<SocketAddr>>>,
+}
+
+impl Faults {
+    /// Cuts `peer` off.
+    pub fn block(&self, peer: SocketAddr) {
+        self.blocked
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(peer);
+    }
+
+    /// Heals every cut.
+    pub fn clear(&self) {
+        self.blocked
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Whether `peer` is cut off.
+    pub fn is_blocked(&self, peer: &SocketAddr) -> bool {
+        let blocked = self
+            .blocked
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        !blocked.is_empty() && blocked.contains(peer)
+    }
+}
+
 /// A handle on the running cluster driver.
 #[derive(Clone)]
 pub struct Cluster {
     view: watch::Receiver<ClusterView>,
+    faults: Faults,
 }
 
 impl Cluster {
+    /// The fault injector of this node.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
     /// The current view of the cluster.
     pub fn view(&self) -> ClusterView {
         self.view.borrow().clone()
@@ -146,6 +187,7 @@ struct Shared {
     serving: Arc<Semaphore>,
     sync: sync::SyncConfig,
     chunk_bytes: usize,
+    faults: Faults,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -167,7 +209,9 @@ pub fn spawn(
         ..ClusterView::default()
     });
     let sync = core.sync_config().clone();
+    let faults = Faults::default();
     let shared = Arc::new(Shared {
+        faults: faults.clone(),
         chunk_bytes: store.options().chunk_bytes,
         transport,
         store,
@@ -194,7 +238,10 @@ pub fn spawn(
         view: view_tx,
     };
     crate::telemetry::spawn(&tracker, driver.run());
-    Cluster { view: view_rx }
+    Cluster {
+        view: view_rx,
+        faults,
+    }
 }
 
 struct Driver {
@@ -487,6 +534,9 @@ fn push_frames(changesets: &[Changeset], chunk_bytes: usize, frame_bytes: usize)
 async fn peer_sender(shared: Arc<Shared>, addr: SocketAddr, mut queue: mpsc::Receiver<Outgoing>) {
     while let Some(item) = queue.recv().await {
         shared.metrics.peer_queue_depth.set(queue.len() as i64);
+        if shared.faults.is_blocked(&addr) {
+            continue;
+        }
         let conn = tokio::select! {
             () = shared.cancel.cancelled() => return,
             conn = shared.transport.connect(addr) => conn,
@@ -575,6 +625,9 @@ async fn read_datagrams(shared: Arc<Shared>, conn: Conn) {
             bytes = conn.read_datagram() => bytes,
         };
         let Ok(bytes) = bytes else { return };
+        if shared.faults.is_blocked(&conn.remote_addr()) {
+            continue;
+        }
         shared.metrics.datagrams_received.inc();
         match decode_datagram(&bytes) {
             Ok((KIND_SWIM, payload)) => {
@@ -605,6 +658,10 @@ async fn read_pushes(shared: Arc<Shared>, conn: Conn) {
             stream = conn.accept_uni() => stream,
         };
         let Ok(mut stream) = stream else { return };
+        if shared.faults.is_blocked(&conn.remote_addr()) {
+            let _ = stream.stop(quinn::VarInt::from_u32(0));
+            continue;
+        }
         let Ok(permit) = Arc::clone(&shared.readers).acquire_owned().await else {
             return;
         };
@@ -771,6 +828,9 @@ enum SyncError {
 
 /// Runs a sync session as client: sends our bookkeeping, applies what comes back.
 async fn sync_client(shared: &Shared, peer: SocketAddr) -> Result<SyncOutcome, SyncError> {
+    if shared.faults.is_blocked(&peer) {
+        return Err(SyncError::Truncated);
+    }
     let conn = shared.transport.connect(peer).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let request = SyncRequest {
@@ -826,8 +886,11 @@ async fn serve_syncs(shared: Arc<Shared>, conn: Conn) {
             streams = conn.accept_bi() => streams,
         };
         let Ok((send, recv)) = streams else { return };
-        let shared = Arc::clone(&shared);
         let peer = conn.remote_addr();
+        if shared.faults.is_blocked(&peer) {
+            continue;
+        }
+        let shared = Arc::clone(&shared);
         crate::telemetry::spawn(&shared.tracker.clone(), async move {
             let role = RoleLabel::server();
             let result = match Arc::clone(&shared.serving).try_acquire_owned() {

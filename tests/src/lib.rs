@@ -5,4 +5,5 @@
 pub mod bench;
 pub mod cluster;
 pub mod crash;
+pub mod procs;
 pub mod sim;

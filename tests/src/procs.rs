@@ -1,0 +1,295 @@
+//! Clusters of real daemon processes (`regiond`, `globald`) on loopback, for multi-process and
+//! kill -9 tests and the benchmarks.
+//!
+//! A node is started with every listener on port 0; its log line `node started gossip_addr=..
+//! api_addr=.. admin_addr=..` tells the ports, and a restart reuses them. Logs go to a file per
+//! node, which a failing wait prints the tail of.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use strata_common::client::Client;
+use strata_common::config::TlsSection;
+use strata_common::transport::Tier;
+
+use crate::cluster::Certs;
+
+/// The path of a daemon binary built with the tests (`target/<profile>/<name>`).
+pub fn daemon_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let mut dir = exe
+        .parent()
+        .expect("the test binary has a directory")
+        .to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// One daemon process.
+pub struct Daemon {
+    /// Its name.
+    pub name: String,
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+    /// Gossip (QUIC) address.
+    pub gossip: SocketAddr,
+    /// gRPC API address.
+    pub api: SocketAddr,
+    /// Admin HTTP address.
+    pub admin: SocketAddr,
+    /// The database file.
+    pub db: PathBuf,
+}
+
+/// Settings of a process cluster.
+#[derive(Debug, Clone)]
+pub struct ProcOptions {
+    /// `regiond` or `globald`.
+    pub binary: &'static str,
+    /// The tier of the binary.
+    pub tier: Tier,
+    /// The region (or global cluster name).
+    pub region: String,
+    /// Extra TOML appended to every node's configuration.
+    pub extra_toml: String,
+}
+
+impl ProcOptions {
+    /// A region cluster of `regiond` processes.
+    pub fn region(region: &str) -> ProcOptions {
+        ProcOptions {
+            binary: "regiond",
+            tier: Tier::Regional,
+            region: region.to_owned(),
+            extra_toml: String::new(),
+        }
+    }
+}
+
+/// A cluster of daemon processes.
+pub struct ProcCluster {
+    /// Keeps the directory alive.
+    pub dir: tempfile::TempDir,
+    /// The cluster's CA.
+    pub certs: Certs,
+    /// The nodes.
+    pub nodes: Vec<Daemon>,
+    options: ProcOptions,
+}
+
+impl ProcCluster {
+    /// Starts `n` nodes; each after the first joins through the first.
+    pub fn start(n: usize, options: ProcOptions) -> ProcCluster {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let certs = Certs::new(&dir.path().join("certs"), "process test CA");
+        let mut cluster = ProcCluster {
+            dir,
+            certs,
+            nodes: Vec::new(),
+            options,
+        };
+        for _ in 0..n {
+            cluster.add_node();
+        }
+        cluster
+    }
+
+    /// Starts one more node.
+    pub fn add_node(&mut self) -> usize {
+        let index = self.nodes.len();
+        let name = format!("{}-{index}", self.options.region);
+        let tls = self
+            .certs
+            .node(&name, self.options.tier, &self.options.region);
+        let bootstrap = self.nodes.first().map(|d| d.gossip.to_string());
+        let zero: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        let data = self.dir.path().join(&name);
+        let mut daemon = Daemon {
+            name: name.clone(),
+            child: None,
+            config: self.dir.path().join(format!("{name}.toml")),
+            log: self.dir.path().join(format!("{name}.log")),
+            gossip: zero,
+            api: zero,
+            admin: zero,
+            db: data.join("strata.sqlite"),
+        };
+        write_config(&daemon, &self.options, &tls, &data, bootstrap.as_deref());
+        daemon.spawn(self.options.binary);
+        daemon.wait_started();
+        // Fix the ports for restarts.
+        write_config(&daemon, &self.options, &tls, &data, bootstrap.as_deref());
+        self.nodes.push(daemon);
+        index
+    }
+
+    /// Kills node `index` with SIGKILL.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.nodes[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops node `index` with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self, index: usize) {
+        if let Some(mut child) = self.nodes[index].child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `index` again on its ports and data.
+    pub fn restart(&mut self, index: usize) {
+        let binary = self.options.binary;
+        let daemon = &mut self.nodes[index];
+        let before = std::fs::metadata(&daemon.log).map(|m| m.len()).unwrap_or(0);
+        daemon.spawn(binary);
+        daemon.wait_started_after(before);
+    }
+
+    /// A gRPC client of node `index`.
+    pub async fn client(&self, index: usize) -> Client {
+        Client::connect(&format!("http://{}", self.nodes[index].api), None)
+            .await
+            .expect("the API answers")
+    }
+
+    /// The last lines of node `index`'s log.
+    pub fn log_tail(&self, index: usize, lines: usize) -> String {
+        tail(&self.nodes[index].log, lines)
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        for index in 0..self.nodes.len() {
+            self.kill(index);
+        }
+    }
+}
+
+fn write_config(
+    daemon: &Daemon,
+    options: &ProcOptions,
+    tls: &TlsSection,
+    data: &Path,
+    bootstrap: Option<&str>,
+) {
+    let bootstrap = bootstrap
+        .map(|b| format!("bootstrap = [\"{b}\"]"))
+        .unwrap_or_default();
+    let toml = format!(
+        "[node]\nname = \"{name}\"\nregion = \"{region}\"\ndata_dir = \"{data}\"\n\
+         [gossip]\nlisten = \"{gossip}\"\n{bootstrap}\n\
+         [gossip.tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+         [api]\nlisten = \"{api}\"\n[admin]\nlisten = \"{admin}\"\n{extra}\n",
+        name = daemon.name,
+        region = options.region,
+        data = data.display(),
+        gossip = daemon.gossip,
+        ca = tls.ca.display(),
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        api = daemon.api,
+        admin = daemon.admin,
+        extra = options.extra_toml,
+    );
+    std::fs::write(&daemon.config, toml).expect("the config is written");
+}
+
+impl Daemon {
+    fn spawn(&mut self, binary: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("a log file");
+        let child = Command::new(daemon_binary(binary))
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the daemon starts");
+        self.child = Some(child);
+    }
+
+    fn wait_started(&mut self) {
+        self.wait_started_after(0);
+    }
+
+    /// Waits for the `node started` line written after byte `offset` of the log.
+    fn wait_started_after(&mut self, offset: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let fresh = text.get(offset as usize..).unwrap_or("");
+            if let Some(line) = fresh.lines().find(|l| l.contains("node started")) {
+                let field = |key: &str| -> SocketAddr {
+                    let start = line.find(key).expect("the field is logged") + key.len();
+                    let value: String = line[start..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .collect();
+                    value.parse().expect("an address")
+                };
+                self.gossip = field("gossip_addr=");
+                self.api = field("api_addr=");
+                self.admin = field("admin_addr=");
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "{} exited with {status} before starting:\n{}",
+                    self.name,
+                    tail(&self.log, 30)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start within 60 s:\n{}",
+                self.name,
+                tail(&self.log, 30)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

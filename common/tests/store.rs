@@ -747,3 +747,88 @@ fn a_reboot_after_an_unclean_shutdown_takes_a_new_site_so_versions_are_never_reu
     assert_ne!(store.site(), first);
     assert_eq!(store.head(), 0);
 }
+
+/// Submits a slow transaction, then `others` at once: they queue while the writer is busy with
+/// the first, so the writer takes them as one group.
+fn queued_behind_a_slow_transaction(
+    store: &Store,
+    others: Vec<Vec<Statement>>,
+) -> Vec<Result<Option<u64>, StoreError>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let slow = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)
+            INSERT INTO machines (id, app) SELECT 'slow-' || i, 'x' FROM n";
+        let mut calls = vec![store.transact(vec![Statement::new(slow)])];
+        calls.extend(
+            others
+                .into_iter()
+                .map(|statements| store.transact(statements)),
+        );
+        let results = futures::future::join_all(calls).await;
+        let mut results: Vec<_> = results.into_iter().map(|r| r.map(|c| c.version)).collect();
+        results.remove(0).unwrap();
+        results
+    })
+}
+
+#[test]
+fn transactions_queued_together_share_one_commit() {
+    let node = Node::new();
+    let others = (0..20)
+        .map(|i| {
+            vec![Statement::new(format!(
+                "INSERT INTO machines (id) VALUES ('q{i}')"
+            ))]
+        })
+        .collect();
+    let before = node.store.stats().commits_total;
+    let results = queued_behind_a_slow_transaction(&node.store, others);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let commits = node.store.stats().commits_total - before;
+    assert!(commits < 21, "21 transactions took {commits} commits");
+    assert_eq!(node.store.head(), 21);
+}
+
+#[test]
+fn a_failing_transaction_in_a_shared_commit_fails_alone() {
+    let node = Node::new();
+    let mut others: Vec<Vec<Statement>> = (0..10)
+        .map(|i| {
+            vec![Statement::new(format!(
+                "INSERT INTO machines (id) VALUES ('q{i}')"
+            ))]
+        })
+        .collect();
+    // A good insert, then bad SQL: the whole transaction must vanish, the others stay.
+    others.insert(
+        5,
+        vec![
+            Statement::new("INSERT INTO machines (id) VALUES ('doomed')"),
+            Statement::new("INSERT INTO nope (id) VALUES (1)"),
+        ],
+    );
+    let results = queued_behind_a_slow_transaction(&node.store, others);
+    for (i, result) in results.iter().enumerate() {
+        match (i, result) {
+            (5, Err(StoreError::UnknownTable { index: 1, .. })) => {}
+            (5, other) => panic!("the bad transaction: {other:?}"),
+            (_, Ok(Some(_))) => {}
+            (i, other) => panic!("transaction {i}: {other:?}"),
+        }
+    }
+    assert!(
+        node.rows("SELECT id FROM machines WHERE id = 'doomed'")
+            .is_empty()
+    );
+    assert_eq!(
+        node.rows("SELECT count(*) FROM machines WHERE id LIKE 'q%'"),
+        vec![vec![Value::Integer(10)]]
+    );
+    assert_eq!(
+        node.store.head(),
+        11,
+        "the failed transaction used no version"
+    );
+}

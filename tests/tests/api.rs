@@ -513,3 +513,119 @@ async fn the_admin_listener_serves_metrics_and_readiness() {
     }
     cluster.shutdown().await;
 }
+
+/// Folds a subscription's events into the result they describe.
+struct Folded {
+    rows: std::collections::BTreeMap<String, Vec<pb::Value>>,
+    ready: bool,
+}
+
+impl Folded {
+    fn apply(&mut self, event: pb::subscribe_event::Event) {
+        let key = |row: &pb::Row| format!("{:?}", row.values.first());
+        match event {
+            pb::subscribe_event::Event::Row(row) => {
+                self.rows.insert(key(&row), row.values);
+            }
+            pb::subscribe_event::Event::Ready(_) => self.ready = true,
+            pb::subscribe_event::Event::Change(change) => {
+                let row = change.row.unwrap();
+                if change.kind == pb::ChangeKind::Delete as i32 {
+                    self.rows.remove(&key(&row));
+                } else {
+                    self.rows.insert(key(&row), row.values);
+                }
+            }
+            pb::subscribe_event::Event::Columns(_) | pb::subscribe_event::Event::Reset(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folded_subscription_equals_a_fresh_query_after_random_writes() {
+    use rand::{RngExt, SeedableRng};
+    let cluster = TestCluster::start(1, "ams").await;
+    let client = cluster.client(0).await;
+    // One query re-read row by row (one table, keyed by its primary key), one re-run whole.
+    let queries = [
+        (
+            "SELECT id, state, port FROM machines WHERE app = 'web' AND state <> 'destroyed'",
+            vec!["id".to_owned()],
+        ),
+        (
+            "SELECT app, count(*) AS n FROM machines GROUP BY app",
+            vec!["app".to_owned()],
+        ),
+    ];
+    let mut streams = Vec::new();
+    for (sql, keys) in &queries {
+        let request = pb::SubscribeRequest {
+            statement: Some(pb::Statement {
+                sql: (*sql).into(),
+                params: vec![],
+            }),
+            key_columns: keys.clone(),
+            from_change_id: None,
+        };
+        streams.push((
+            client.raw().subscribe(request).await.unwrap().into_inner(),
+            Folded {
+                rows: Default::default(),
+                ready: false,
+            },
+        ));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for i in 0..400 {
+        let id = format!("m{}", rng.random_range(0..30));
+        let sql = match rng.random_range(0..5) {
+            0 => Statement::with_params("DELETE FROM machines WHERE id = ?1", vec![Value::Text(id)]),
+            _ => Statement::with_params(
+                "INSERT INTO machines (id, app, state, port) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET app = excluded.app, state = excluded.state, port = excluded.port",
+                vec![
+                    Value::Text(id),
+                    Value::Text(["web", "db", "api"][rng.random_range(0..3)].into()),
+                    Value::Text(["started", "stopped", "destroyed"][rng.random_range(0..3)].into()),
+                    Value::Integer(i),
+                ],
+            ),
+        };
+        client.transact(vec![sql]).await.unwrap();
+    }
+    for ((sql, _), (stream, folded)) in queries.iter().zip(streams.iter_mut()) {
+        let fresh = client.query(sql, vec![]).await.unwrap();
+        let expected: std::collections::BTreeMap<String, Vec<pb::Value>> = fresh
+            .rows
+            .into_iter()
+            .map(|r| {
+                let values: Vec<pb::Value> = r
+                    .into_iter()
+                    .map(strata_common::api::convert::value_to_pb)
+                    .collect();
+                (format!("{:?}", values.first()), values)
+            })
+            .collect();
+        wait_for(
+            Duration::from_secs(10),
+            "the folded subscription to match a fresh query",
+            || {
+                // Drain what has arrived.
+                while let Some(Ok(Some(message))) =
+                    futures::FutureExt::now_or_never(stream.message())
+                {
+                    folded.apply(message.event.unwrap());
+                }
+                let matches = folded.ready && folded.rows == expected;
+                let seen = format!(
+                    "{sql}: {} rows folded, {} expected",
+                    folded.rows.len(),
+                    expected.len()
+                );
+                async move { if matches { Ok(()) } else { Err(seen) } }
+            },
+        )
+        .await;
+    }
+    cluster.shutdown().await;
+}

@@ -9,6 +9,13 @@
 //! reconnects with its last change id gets exactly what it missed; otherwise it is told to reset
 //! and gets the whole result again.
 //!
+//! Most subscriptions follow rows of one table keyed by its primary key (say, the running
+//! Machines of an app). For those the matcher does not re-run the whole query on a commit: it
+//! re-reads only the rows the commit changed, through the query itself (so its filter still
+//! decides membership), which keeps the cost of a commit proportional to what it changed, not to
+//! the size of the result. Queries that join, aggregate, limit or read subqueries are re-run
+//! whole.
+//!
 //! Never stalls the node: changes fan out through a bounded broadcast channel, and a subscriber
 //! that falls `subscriber_buffer` changes behind is cut off with RESOURCE_EXHAUSTED naming the
 //! change id to resume from. A matcher without subscribers lingers a while for resumes, then
@@ -34,6 +41,9 @@ use crate::store::{Statement, Store, Value};
 
 /// How long a matcher without subscribers stays, so a reconnecting subscriber can resume.
 const LINGER: Duration = Duration::from_secs(60);
+
+/// Changed keys a matcher re-reads one by one at most; beyond it the whole query is cheaper.
+const PENDING_KEYS_MAX: usize = 512;
 
 /// Bounds of the subscription hub.
 #[derive(Debug, Clone)]
@@ -61,10 +71,32 @@ struct Matcher {
     /// Tables the query reads; `None` when that could not be worked out (any commit wakes it).
     tables: Option<HashSet<String>>,
     key_positions: Vec<usize>,
+    /// How to re-read only changed rows, when the query allows it.
+    incremental: Option<Incremental>,
+    /// Rows changed since the last evaluation.
+    pending: Mutex<Pending>,
     state: Mutex<MatcherState>,
     changes: broadcast::Sender<Arc<pb::Change>>,
     wake: Notify,
     subscribers: AtomicUsize,
+}
+
+/// A query over one table, keyed by that table's primary key: a changed row's membership in the
+/// result depends on that row alone.
+struct Incremental {
+    table: String,
+    /// For each key column (in key order), its position in the table's primary key.
+    key_from_pk: Vec<usize>,
+    /// The query restricted to given keys, up to `IN (VALUES `: the key rows and `)` follow.
+    filtered_sql: String,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Packed primary keys of changed rows.
+    keys: HashSet<Vec<u8>>,
+    /// Re-run the whole query (too many keys, missed commits, or not incremental).
+    full: bool,
 }
 
 struct MatcherState {
@@ -167,12 +199,15 @@ impl Hub {
         if columns.is_empty() {
             return Err(Status::invalid_argument("the query returns no columns"));
         }
+        let incremental = incremental_plan(&self.store, &statement, &columns, &key_positions);
         let rows = keyed(rows, &key_positions);
         let (changes, _) = broadcast::channel(self.config.subscriber_buffer.max(1));
         let matcher = Arc::new(Matcher {
             tables: tables_read(&statement.sql),
             statement,
             key_positions,
+            incremental,
+            pending: Mutex::new(Pending::default()),
             state: Mutex::new(MatcherState {
                 columns,
                 rows,
@@ -320,9 +355,30 @@ impl Hub {
                     }
                     _ => true,
                 };
-                if relevant {
-                    matcher.wake.notify_one();
+                if !relevant {
+                    continue;
                 }
+                {
+                    let mut pending = matcher
+                        .pending
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    match (&event, &matcher.incremental) {
+                        (Ok(event), Some(incremental)) if !pending.full => {
+                            let keys = event
+                                .changed
+                                .iter()
+                                .filter(|(t, _)| *t == incremental.table);
+                            pending.keys.extend(keys.map(|(_, pk)| pk.clone()));
+                            if pending.keys.len() > PENDING_KEYS_MAX {
+                                pending.keys.clear();
+                                pending.full = true;
+                            }
+                        }
+                        _ => pending.full = true,
+                    }
+                }
+                matcher.wake.notify_one();
             }
         }
     }
@@ -349,31 +405,117 @@ impl Hub {
             if !woken {
                 continue;
             }
-            match run(&self.store, &matcher.statement).await {
-                Ok((_, rows)) => self.publish(&matcher, keyed(rows, &matcher.key_positions)),
-                Err(status) => {
-                    tracing::warn!(sql = %matcher.statement.sql, error = %status.message(), "subscription query failed")
+            let pending = std::mem::take(
+                &mut *matcher
+                    .pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            let result = match &matcher.incremental {
+                Some(incremental) if !pending.full => {
+                    if pending.keys.is_empty() {
+                        continue;
+                    }
+                    self.reread(&matcher, incremental, pending.keys).await
                 }
+                _ => run(&self.store, &matcher.statement)
+                    .await
+                    .map(|(_, rows)| self.publish(&matcher, keyed(rows, &matcher.key_positions))),
+            };
+            if let Err(status) = result {
+                tracing::warn!(sql = %matcher.statement.sql, error = %status.message(), "subscription query failed");
             }
         }
     }
 
-    fn publish(&self, matcher: &Matcher, rows: BTreeMap<Vec<u8>, Vec<Value>>) {
-        let mut state = matcher.state.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Re-reads the rows of `keys` through the query, and publishes how they changed.
+    async fn reread(
+        &self,
+        matcher: &Matcher,
+        incremental: &Incremental,
+        keys: HashSet<Vec<u8>>,
+    ) -> Result<(), Status> {
+        let mut params = matcher.statement.params.clone();
+        let mut wanted = Vec::with_capacity(keys.len());
+        for pk in keys {
+            let Ok(values) = crate::store::unpack_pk(&pk) else {
+                continue;
+            };
+            let key: Vec<Value> = incremental
+                .key_from_pk
+                .iter()
+                .filter_map(|&i| values.get(i).cloned())
+                .collect();
+            wanted.push(postcard::to_allocvec(&key.iter().collect::<Vec<_>>()).unwrap_or_default());
+            params.extend(key);
+        }
+        let width = incremental.key_from_pk.len();
+        let placeholders: Vec<String> = (0..wanted.len())
+            .map(|row| {
+                let first = matcher.statement.params.len() + row * width + 1;
+                let cells: Vec<String> = (first..first + width).map(|i| format!("?{i}")).collect();
+                format!("({})", cells.join(", "))
+            })
+            .collect();
+        let sql = format!("{}{})", incremental.filtered_sql, placeholders.join(", "));
+        let statement = Statement { sql, params };
+        let (_, rows) = run(&self.store, &statement).await?;
+        let fresh = keyed(rows, &matcher.key_positions);
         let mut changes = Vec::new();
-        for (key, old) in &state.rows {
-            match rows.get(key) {
-                None => changes.push((pb::ChangeKind::Delete, old.clone())),
-                Some(new) if new != old => changes.push((pb::ChangeKind::Update, new.clone())),
-                Some(_) => {}
+        {
+            let state = matcher.state.lock().unwrap_or_else(PoisonError::into_inner);
+            for key in &wanted {
+                match (state.rows.get(key), fresh.get(key)) {
+                    (Some(old), None) => {
+                        changes.push((key.clone(), pb::ChangeKind::Delete, old.clone()))
+                    }
+                    (Some(old), Some(new)) if new != old => {
+                        changes.push((key.clone(), pb::ChangeKind::Update, new.clone()));
+                    }
+                    (None, Some(new)) => {
+                        changes.push((key.clone(), pb::ChangeKind::Insert, new.clone()))
+                    }
+                    _ => {}
+                }
             }
         }
-        for (key, new) in &rows {
-            if !state.rows.contains_key(key) {
-                changes.push((pb::ChangeKind::Insert, new.clone()));
+        self.emit(matcher, changes);
+        Ok(())
+    }
+
+    /// Publishes the differences between the current result and a fresh whole one.
+    fn publish(&self, matcher: &Matcher, rows: BTreeMap<Vec<u8>, Vec<Value>>) {
+        let mut changes = Vec::new();
+        {
+            let state = matcher.state.lock().unwrap_or_else(PoisonError::into_inner);
+            for (key, old) in &state.rows {
+                match rows.get(key) {
+                    None => changes.push((key.clone(), pb::ChangeKind::Delete, old.clone())),
+                    Some(new) if new != old => {
+                        changes.push((key.clone(), pb::ChangeKind::Update, new.clone()))
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (key, new) in &rows {
+                if !state.rows.contains_key(key) {
+                    changes.push((key.clone(), pb::ChangeKind::Insert, new.clone()));
+                }
             }
         }
-        for (kind, row) in changes {
+        self.emit(matcher, changes);
+    }
+
+    /// Applies changes to the matcher's result, numbers them, keeps them for resumes and sends
+    /// them to the subscribers.
+    fn emit(&self, matcher: &Matcher, changes: Vec<(Vec<u8>, pb::ChangeKind, Vec<Value>)>) {
+        let mut state = matcher.state.lock().unwrap_or_else(PoisonError::into_inner);
+        for (key, kind, row) in changes {
+            if kind == pb::ChangeKind::Delete {
+                state.rows.remove(&key);
+            } else {
+                state.rows.insert(key, row.clone());
+            }
             let change = Arc::new(pb::Change {
                 change_id: self.next_id.fetch_add(1, Ordering::Relaxed),
                 kind: kind as i32,
@@ -387,7 +529,6 @@ impl Hub {
             // No subscriber is fine: the history keeps it for resumes.
             let _ = matcher.changes.send(change);
         }
-        state.rows = rows;
     }
 }
 
@@ -414,6 +555,119 @@ fn keyed(rows: Vec<Vec<Value>>, key_positions: &[usize]) -> BTreeMap<Vec<u8>, Ve
         .collect()
 }
 
+/// Aggregate functions: a query using one is re-run whole.
+const AGGREGATES: &[&str] = &[
+    "count",
+    "sum",
+    "total",
+    "min",
+    "max",
+    "avg",
+    "group_concat",
+    "string_agg",
+];
+
+/// Works out whether a query can be re-evaluated row by row: one table, no join, no subquery,
+/// no aggregate, window, DISTINCT, GROUP BY or LIMIT, and key columns that are exactly the
+/// table's primary key.
+fn incremental_plan(
+    store: &Store,
+    statement: &Statement,
+    columns: &[String],
+    key_positions: &[usize],
+) -> Option<Incremental> {
+    use sqlparser::ast::{self, Expr, SetExpr, TableFactor};
+    use sqlparser::dialect::SQLiteDialect;
+    use sqlparser::parser::Parser;
+    let statements = Parser::parse_sql(&SQLiteDialect {}, &statement.sql).ok()?;
+    let [ast::Statement::Query(query)] = statements.as_slice() else {
+        return None;
+    };
+    if query.limit_clause.is_some() || query.fetch.is_some() || query.with.is_some() {
+        return None;
+    }
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return None;
+    };
+    let group_by_empty = matches!(&select.group_by, ast::GroupByExpr::Expressions(e, m) if e.is_empty() && m.is_empty());
+    if select.distinct.is_some()
+        || select.having.is_some()
+        || !group_by_empty
+        || select.from.len() != 1
+    {
+        return None;
+    }
+    let from = &select.from[0];
+    if !from.joins.is_empty() {
+        return None;
+    }
+    let TableFactor::Table { name, .. } = &from.relation else {
+        return None;
+    };
+    let table = match name.0.last()? {
+        ast::ObjectNamePart::Identifier(ident) => ident.value.clone(),
+        _ => return None,
+    };
+    // Exactly one table mentioned anywhere: no subquery decides membership.
+    let mut relations = 0;
+    let _ = ast::visit_relations(&statements, |_| {
+        relations += 1;
+        ControlFlow::<()>::Continue(())
+    });
+    let mut aggregate = false;
+    let _ = ast::visit_expressions(&statements, |expr| {
+        if let Expr::Function(function) = expr {
+            let name = function.name.to_string().to_lowercase();
+            if function.over.is_some() || AGGREGATES.contains(&name.as_str()) {
+                aggregate = true;
+            }
+        }
+        let subquery = matches!(
+            expr,
+            Expr::Subquery(_)
+                | Expr::Exists { .. }
+                | Expr::In {
+                    target: ast::InTarget::Subquery(_) | ast::InTarget::Table { .. },
+                    ..
+                }
+        );
+        if subquery {
+            aggregate = true;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    if relations != 1 || aggregate {
+        return None;
+    }
+    let schema = store.schema();
+    let pk = schema.table(&table)?.primary_key().to_vec();
+    let key_names: Vec<&String> = key_positions
+        .iter()
+        .filter_map(|&p| columns.get(p))
+        .collect();
+    if key_names.len() != pk.len() {
+        return None;
+    }
+    let key_from_pk: Vec<usize> = key_names
+        .iter()
+        .map(|name| pk.iter().position(|k| k.eq_ignore_ascii_case(name)))
+        .collect::<Option<_>>()?;
+    let quoted: Vec<String> = key_names
+        .iter()
+        .map(|n| format!("\"{}\"", n.replace('"', "\"\"")))
+        .collect();
+    let inner = statement.sql.trim().trim_end_matches(';');
+    let filtered_sql = format!(
+        "SELECT * FROM ({inner}) WHERE ({}) IN (VALUES ",
+        quoted.join(", ")
+    );
+    Some(Incremental {
+        table,
+        key_from_pk,
+        filtered_sql,
+    })
+}
+
 /// The tables a query reads, or `None` if the SQL is beyond the parser (then any commit
 /// re-runs it, which is correct, only slower).
 fn tables_read(sql: &str) -> Option<HashSet<String>> {
@@ -433,6 +687,50 @@ fn tables_read(sql: &str) -> Option<HashSet<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn single_table_queries_keyed_by_the_primary_key_are_reread_row_by_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Store::open(dir.path().join("db"), crate::store::StoreOptions::default()).unwrap();
+        store
+            .migrate_blocking(
+                crate::store::Schema::parse(
+                    "CREATE TABLE m (id TEXT NOT NULL PRIMARY KEY, app TEXT, n INT);
+                     CREATE TABLE a (name TEXT NOT NULL PRIMARY KEY);",
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        let plan = |sql: &str, columns: &[&str], keys: &[usize]| {
+            let statement = Statement::new(sql);
+            let columns: Vec<String> = columns.iter().map(|c| (*c).to_owned()).collect();
+            incremental_plan(&store, &statement, &columns, keys)
+        };
+        let yes = plan(
+            "SELECT id, n FROM m WHERE app = 'web' ORDER BY n",
+            &["id", "n"],
+            &[0],
+        )
+        .unwrap();
+        assert_eq!(yes.table, "m");
+        assert!(
+            yes.filtered_sql
+                .starts_with("SELECT * FROM (SELECT id, n FROM m")
+        );
+        for sql in [
+            "SELECT app, count(*) FROM m GROUP BY app",
+            "SELECT id FROM m LIMIT 5",
+            "SELECT DISTINCT id FROM m",
+            "SELECT m.id FROM m JOIN a ON a.name = m.app",
+            "SELECT id FROM m WHERE app IN (SELECT name FROM a)",
+            "SELECT id, row_number() OVER () FROM m",
+        ] {
+            assert!(plan(sql, &["id"], &[0]).is_none(), "{sql}");
+        }
+        // The key must be the primary key.
+        assert!(plan("SELECT app, id FROM m", &["app", "id"], &[0]).is_none());
+    }
 
     #[test]
     fn tables_are_read_from_joins_and_subqueries() {

@@ -10,7 +10,7 @@
 //! - the **accept** loop, and per connection a reader of datagrams, of uni streams (pushes) and
 //!   of bi streams (sync sessions served, at most `serve_max` at once);
 //! - the **apply** worker, which batches new changesets into the store;
-//! - sync **client** sessions (at most `sessions_max`, enforced by the core);
+//! - sync **client** sessions (one at a time, as the core schedules them);
 //! - a reader of the store's commit events, which hands local commits to the loop.
 //!
 //! No decision is made here that the simulator would need to reproduce: who to send to, what

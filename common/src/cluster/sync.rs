@@ -11,7 +11,7 @@
 //! No I/O: the scheduler emits `Sync` actions; the session itself is run by the driver (or the
 //! simulator) with the functions here.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::time::Duration;
@@ -31,10 +31,8 @@ use crate::store::{SiteId, SiteState};
 pub struct SyncConfig {
     /// Time between sync rounds, ms (jittered by up to half).
     pub interval_ms: u64,
-    /// Members synced with per round.
+    /// Members synced with per round (one after another).
     pub peers: usize,
-    /// Sessions this node runs as a client at most at once.
-    pub sessions_max: usize,
     /// Sessions this node serves at most at once; beyond it, clients are told to come back.
     pub serve_max: usize,
     /// Versions one session serves at most before the client must ask again.
@@ -49,7 +47,6 @@ impl Default for SyncConfig {
             // A lost broadcast is repaired within about a second.
             interval_ms: 1_000,
             peers: 2,
-            sessions_max: 4,
             serve_max: 8,
             // Bounds one session's memory and time on the server; large enough that a fresh
             // node catching up pays few round trips.
@@ -135,10 +132,16 @@ pub fn plan(
 }
 
 /// The anti-entropy scheduler: when to sync, and with whom.
+///
+/// One client session at a time: sessions run back to back, each starting from the
+/// bookkeeping the previous one left, so two peers are never asked for the same versions at
+/// once (which would double the work of a catching-up node for nothing).
 pub struct AntiEntropy {
     config: SyncConfig,
-    /// Peers with a client session under way.
-    running: BTreeSet<SocketAddr>,
+    /// The peer of the session under way.
+    running: Option<SocketAddr>,
+    /// Peers to sync with next, this round.
+    planned: VecDeque<SocketAddr>,
     /// Whether a session has completed without finding anything more to fetch.
     caught_up: bool,
 }
@@ -148,7 +151,8 @@ impl AntiEntropy {
     pub fn new(config: SyncConfig) -> AntiEntropy {
         AntiEntropy {
             config,
-            running: BTreeSet::new(),
+            running: None,
+            planned: VecDeque::new(),
             caught_up: false,
         }
     }
@@ -163,9 +167,9 @@ impl AntiEntropy {
         self.caught_up
     }
 
-    /// Sessions under way.
-    pub fn running(&self) -> usize {
-        self.running.len()
+    /// Whether a session is under way.
+    pub fn running(&self) -> bool {
+        self.running.is_some()
     }
 
     /// Starts the periodic rounds.
@@ -173,21 +177,17 @@ impl AntiEntropy {
         self.schedule(rng, out);
     }
 
-    /// A round: sync with a few random live members.
+    /// A round: sync with a few random live members, one after another. A round still under
+    /// way when the next is due is left to finish.
     pub fn tick<'a>(
         &mut self,
         live: impl Iterator<Item = &'a SocketAddr>,
         rng: &mut StdRng,
         out: &mut Vec<Action>,
     ) {
-        let room = self.config.sessions_max.saturating_sub(self.running.len());
-        let wanted = self.config.peers.min(room);
-        let candidates = live
-            .filter(|peer| !self.running.contains(peer))
-            .copied()
-            .sample(rng, wanted);
-        for peer in candidates {
-            self.start_session(peer, out);
+        if self.running.is_none() && self.planned.is_empty() {
+            self.planned = live.copied().sample(rng, self.config.peers).into();
+            self.start_next(out);
         }
         self.schedule(rng, out);
     }
@@ -195,8 +195,9 @@ impl AntiEntropy {
     /// A member came up: a node that has not caught up syncs with it at once instead of waiting
     /// for the next round.
     pub fn member_up(&mut self, peer: SocketAddr, out: &mut Vec<Action>) {
-        if !self.caught_up && self.running.is_empty() {
-            self.start_session(peer, out);
+        if !self.caught_up && self.running.is_none() {
+            self.planned.push_front(peer);
+            self.start_next(out);
         }
     }
 
@@ -209,29 +210,37 @@ impl AntiEntropy {
         failed: bool,
         out: &mut Vec<Action>,
     ) {
-        self.running.remove(&peer);
-        if failed {
+        if self.running != Some(peer) {
             return;
         }
-        if complete {
-            self.caught_up = true;
-        } else {
-            // The server stopped at its budget: continue with it at once.
-            self.start_session(peer, out);
+        self.running = None;
+        if !failed {
+            if complete {
+                self.caught_up = true;
+            } else {
+                // The server stopped at its budget: continue with it at once.
+                self.planned.push_front(peer);
+            }
         }
+        self.start_next(out);
     }
 
-    fn start_session(&mut self, peer: SocketAddr, out: &mut Vec<Action>) {
-        if self.running.len() < self.config.sessions_max && self.running.insert(peer) {
+    fn start_next(&mut self, out: &mut Vec<Action>) {
+        if self.running.is_none()
+            && let Some(peer) = self.planned.pop_front()
+        {
+            self.running = Some(peer);
             out.push(Action::Sync { peer });
         }
     }
 
     fn schedule(&self, rng: &mut StdRng, out: &mut Vec<Action>) {
+        // Between three quarters and five quarters of the interval: rounds of different nodes
+        // drift apart instead of meeting in lockstep.
         let interval = self.config.interval_ms.max(1);
         let jitter = rng.random_range(0..=interval / 2);
         out.push(Action::Schedule {
-            after: Duration::from_millis(interval / 2 + jitter + interval / 4),
+            after: Duration::from_millis(interval * 3 / 4 + jitter),
             timer: Timer::SyncRound,
         });
     }

@@ -24,6 +24,7 @@ use super::change::{Change, SiteId};
 use super::clock::{self, RowLife, Stamp};
 use super::error::{Result, StoreError};
 use super::hlc::Timestamp;
+use super::schema::quote;
 use super::table::{ROW_EVENT, Table};
 use super::value::{Value, unpack_pk};
 
@@ -44,6 +45,114 @@ pub(crate) struct Origin {
     pub(crate) ord: Ord,
     pub(crate) version: u64,
     pub(crate) ts: Timestamp,
+}
+
+/// Merges the changes of one row (consecutive changes with the same table and key, from one
+/// version). A row this node has never seen, entering one live life, is inserted whole: one
+/// base insert and its clock entries, instead of a merge per cell (what a catching-up node
+/// mostly does). Anything else goes change by change. Returns how many changes altered the row.
+pub(crate) fn merge_row(
+    conn: &Connection,
+    tables: &HashMap<String, Arc<Table>>,
+    books: &Books,
+    origin: Origin,
+    changes: &[Change],
+) -> Result<(usize, usize)> {
+    let Some(first) = changes.first() else {
+        return Ok((0, 0));
+    };
+    if let Some(table) = tables.get(&first.table)
+        && changes.len() > 1
+        && first.cl % 2 == 1
+        && changes.iter().all(|c| c.cl == first.cl)
+        && changes.iter().all(|c| {
+            c.column
+                .as_deref()
+                .is_none_or(|col| table.tracked_position(col).is_some())
+        })
+        && distinct_columns(changes)
+        && clock::row_get(conn, table, &first.pk)?.is_none()
+    {
+        insert_row(conn, table, origin, changes)?;
+        return Ok((changes.len(), 0));
+    }
+    let (mut changed, mut parked) = (0, 0);
+    for change in changes {
+        match merge(conn, tables, books, origin, change)? {
+            Merged::Changed => changed += 1,
+            Merged::Parked => parked += 1,
+            Merged::Unchanged => {}
+        }
+    }
+    Ok((changed, parked))
+}
+
+/// Whether no column appears twice (a well-formed version never repeats one).
+fn distinct_columns(changes: &[Change]) -> bool {
+    let mut seen: Vec<&str> = Vec::with_capacity(changes.len());
+    for change in changes {
+        let column = change.column.as_deref().unwrap_or("");
+        if seen.contains(&column) {
+            return false;
+        }
+        seen.push(column);
+    }
+    true
+}
+
+/// Inserts a row never seen here, with every cell the changes carry.
+fn insert_row(conn: &Connection, table: &Table, origin: Origin, changes: &[Change]) -> Result<()> {
+    let first = &changes[0];
+    let key_values = unpack_pk(&first.pk)?;
+    if key_values.len() != table.key.len() {
+        return Err(StoreError::Malformed(format!(
+            "key of \"{}\" has {} columns, expected {}",
+            table.name(),
+            key_values.len(),
+            table.key.len()
+        )));
+    }
+    let stamp = |seq| Stamp {
+        ts: origin.ts,
+        site: origin.ord,
+        version: origin.version,
+        seq,
+    };
+    let mut columns: Vec<String> = table
+        .key
+        .iter()
+        .map(|&p| quote(table.column_name(p)))
+        .collect();
+    let mut values: Vec<&dyn ToSql> = key_values.iter().map(|v| v as &dyn ToSql).collect();
+    let mut cells = Vec::new();
+    let mut row_stamp = Stamp::IMPLIED;
+    for change in changes {
+        match change
+            .column
+            .as_deref()
+            .and_then(|c| table.tracked_position(c))
+        {
+            Some(position) => {
+                columns.push(quote(table.column_name(position)));
+                values.push(&change.value);
+                cells.push((position, stamp(change.seq)));
+            }
+            None => row_stamp = stamp(change.seq),
+        }
+    }
+    let placeholders: Vec<String> = (1..=values.len()).map(|i| format!("?{i}")).collect();
+    let sql = format!(
+        "INSERT INTO {} ({}) VALUES ({})",
+        quote(table.name()),
+        columns.join(", "),
+        placeholders.join(", ")
+    );
+    conn.prepare_cached(&sql)?.execute(values.as_slice())?;
+    clock::row_set(conn, table, &first.pk, first.cl, row_stamp)?;
+    for (position, cell_stamp) in cells {
+        clock::clock_set(conn, table, &first.pk, position, first.cl, cell_stamp)?;
+    }
+    Ok(())
 }
 
 /// Merges one change. `tables` are the tables by name; `books` gives site ids for ordering.

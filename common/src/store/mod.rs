@@ -182,6 +182,17 @@ pub struct Applied {
     pub rows_changed: usize,
 }
 
+impl Applied {
+    /// Adds another outcome to this one.
+    pub(crate) fn absorb(&mut self, other: Applied) {
+        self.versions.extend(other.versions);
+        self.buffered += other.buffered;
+        self.duplicates += other.duplicates;
+        self.rejected.extend(other.rejected);
+        self.rows_changed += other.rows_changed;
+    }
+}
+
 /// A changeset that was refused.
 #[derive(Debug, Clone)]
 pub struct Rejected {

@@ -7,7 +7,8 @@
 //! (timestamp, site, version, seq) that set it (a site of -1 means the life was implied by a cell
 //! whose row event is still to come); and an entry per cell that differs from "the column's
 //! default at timestamp zero", holding the write that set it. One b-tree plus a (site, version)
-//! index: every commit writes as few pages as the metadata allows.
+//! index: every commit writes as few pages as the metadata allows. The index also holds seq,
+//! timestamp and causal length, so serving a version to a peer reads the index alone.
 //!
 //! Three triggers call `__strata_capture()`, a function that only the store's writer connection
 //! registers; any other connection that writes `T` fails with "no such function".
@@ -120,7 +121,8 @@ impl Table {
                 seq INTEGER NOT NULL,
                 PRIMARY KEY (pk, cid)
              ) WITHOUT ROWID, STRICT;
-             CREATE INDEX IF NOT EXISTS __strata_clock_{n}_sv ON __strata_clock_{n} (site, version);"
+             CREATE INDEX IF NOT EXISTS __strata_clock_{n}_sv
+                ON __strata_clock_{n} (site, version, seq, ts, cl);"
         )
     }
 

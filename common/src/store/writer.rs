@@ -1,14 +1,19 @@
 //! The writer: one thread that owns the writer connection and commits in groups.
 //!
 //! Requests (local transactions, remote changesets, schema changes) arrive on a bounded queue.
-//! The writer takes whatever is queued (up to a bound), runs each request inside its own
-//! savepoint of one SQLite transaction, and commits once: under load many requests share one
-//! commit, and one failing request rolls back alone. Replies and the commit event go out only
-//! after the commit, and the bookkeeping cache is replaced only then, so nothing ever reports a
-//! version the database does not hold.
+//! The writer takes whatever is queued (up to a bound, waiting briefly when several callers were
+//! seen sharing commits), runs the requests in one SQLite transaction and commits once: under
+//! load many requests share one commit. A request refused before it wrote anything (a malformed
+//! changeset, an oversized transaction) is just left out; one that fails after it may have
+//! written (bad SQL halfway through, a constraint) rolls the group back, and the group is run
+//! again one request per transaction, so it fails alone. No savepoints: inside a savepoint every
+//! statement of a large request costs time in proportion to the pages the request touched.
+//!
+//! Replies and the commit event go out only after the commit, and the bookkeeping cache is
+//! replaced only then, so nothing ever reports a version the database does not hold.
 //!
 //! Order of work in a group: requests in arrival order; then the heads and the clock are saved;
-//! then COMMIT; then the caches are published, replies sent, and the commit event broadcast.
+//! then COMMIT; then the caches are published, the commit event broadcast, and replies sent.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,8 +27,8 @@ use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::{Token, Tokenizer};
 use tokio::sync::oneshot;
 
-use super::apply::{self, Merged, Origin};
-use super::book::{Books, Ord, Partial, SiteBook};
+use super::apply::{self, Origin};
+use super::book::{Books, Ord, Partial};
 use super::capture::{Capture, CaptureError};
 use super::change::Changeset;
 use super::error::{Result, StoreError};
@@ -63,6 +68,16 @@ pub(crate) enum Request {
     },
 }
 
+impl Request {
+    fn kind(&self) -> &'static str {
+        match self {
+            Request::Transact { .. } => "transact",
+            Request::Apply { .. } => "apply",
+            Request::Migrate { .. } => "migrate",
+        }
+    }
+}
+
 /// The writer's state; lives on the writer thread.
 pub(crate) struct Writer {
     pub(crate) conn: Connection,
@@ -77,12 +92,6 @@ pub(crate) struct Writer {
     pub(crate) denied: Arc<Mutex<Option<String>>>,
     /// The clock value last persisted.
     pub(crate) hlc_saved: hlc::Timestamp,
-}
-
-/// Outcome of one request inside a group, sent after the commit.
-enum Done {
-    Transact(oneshot::Sender<TransactReply>, TransactReply),
-    Apply(oneshot::Sender<Result<Applied>>, Result<Applied>),
 }
 
 impl Writer {
@@ -133,85 +142,152 @@ impl Writer {
         Ok(())
     }
 
+    /// Commits a group: every request in one transaction; or, if one of them failed after it
+    /// may have written, each request in a transaction of its own.
     fn commit_group(&mut self, group: Vec<Request>) {
         if group.is_empty() {
             return;
         }
-        let wall_ms = self.shared.options.wall_clock.now_ms();
-        if let Err(err) = self.run_sql("BEGIN IMMEDIATE") {
-            self.fail_group(group, &err.into());
+        if group.len() > 1
+            && let Some(results) = self.try_group(&group)
+        {
+            for (request, result) in group.into_iter().zip(results) {
+                reply(request, result);
+            }
             return;
         }
-        let mut done = Vec::with_capacity(group.len());
-        let mut event = CommitEvent::default();
-        let mut touched: HashSet<Ord> = HashSet::new();
-        // A request alone in its group needs no savepoint: its failure may take the whole
-        // transaction with it.
-        let alone = group.len() == 1;
         for request in group {
-            match request {
-                Request::Transact { statements, reply } => {
-                    let result = self.transact(&statements, wall_ms, alone);
-                    if let Ok(committed) = &result
-                        && let Some(changeset) = &committed.changeset
-                    {
-                        touched.insert(self.shared.ord);
-                        event.local.push(Arc::clone(changeset));
-                        for change in &changeset.changes {
-                            event
-                                .changed
-                                .push((change.table.clone(), change.pk.clone()));
+            self.commit_alone(request);
+        }
+    }
+
+    /// Runs a group in one transaction, without savepoints: a savepoint around a large request
+    /// makes each of its statements cost time in proportion to the pages the request touched.
+    /// Returns `None`, rolled back, when a request failed after it may have written.
+    fn try_group(&mut self, group: &[Request]) -> Option<Vec<ItemResult>> {
+        let wall_ms = self.shared.options.wall_clock.now_ms();
+        self.run_sql("BEGIN IMMEDIATE").ok()?;
+        let mut batch = Batch::default();
+        let mut results = Vec::with_capacity(group.len());
+        for request in group {
+            let result = match request {
+                Request::Transact { statements, .. } => {
+                    match self.run_transact(statements, wall_ms, &mut batch) {
+                        Ok(committed) => ItemResult::Transact(Ok(committed)),
+                        Err(Failure::Clean(err)) => ItemResult::Transact(Err(err)),
+                        Err(Failure::Dirty(_)) => {
+                            self.abort();
+                            return None;
                         }
                     }
-                    done.push(Done::Transact(reply, (result, statements)));
                 }
-                Request::Apply { changesets, reply } => {
-                    let alone = alone && changesets.len() == 1;
-                    let applied = self.apply(changesets, wall_ms, alone, &mut touched, &mut event);
-                    done.push(Done::Apply(reply, Ok(applied)));
+                Request::Apply { changesets, .. } => {
+                    match self.run_apply(changesets, wall_ms, &mut batch) {
+                        Ok(applied) => ItemResult::Apply(applied),
+                        Err(_) => {
+                            self.abort();
+                            return None;
+                        }
+                    }
                 }
                 Request::Migrate { .. } => unreachable!("migrations are split off before"),
-            }
+            };
+            results.push(result);
         }
-        let finished = self.finish_group(&touched);
-        match finished {
-            Ok(()) => {
-                self.publish();
-                for item in done {
-                    match item {
-                        Done::Transact(reply, result) => {
-                            let _ = reply.send(result);
-                        }
-                        Done::Apply(reply, result) => {
-                            let _ = reply.send(result);
-                        }
-                    }
-                }
-                event.changed.sort();
-                event.changed.dedup();
-                if !event.local.is_empty() || !event.changed.is_empty() || !event.applied.is_empty()
-                {
-                    // No receiver is fine; a lagging one learns it lagged and recovers.
-                    let _ = self.shared.events.send(Arc::new(event));
-                }
-            }
+        match self.commit(batch) {
+            Ok(()) => Some(results),
             Err(err) => {
-                tracing::error!(error = %err, "group commit failed; rolled back");
-                let _ = self.conn.execute_batch("ROLLBACK");
-                self.reload();
-                for item in done {
-                    let message = format!("commit failed: {err}");
-                    match item {
-                        Done::Transact(reply, (_, statements)) => {
-                            let _ = reply.send((Err(StoreError::Corrupt(message)), statements));
-                        }
-                        Done::Apply(reply, _) => {
-                            let _ = reply.send(Err(StoreError::Corrupt(message)));
-                        }
-                    }
-                }
+                tracing::warn!(error = %err, "group commit failed; retrying its requests one by one");
+                None
             }
         }
+    }
+
+    /// Runs one request in a transaction of its own and replies.
+    fn commit_alone(&mut self, request: Request) {
+        let wall_ms = self.shared.options.wall_clock.now_ms();
+        match request {
+            Request::Transact { statements, reply } => {
+                let result = self.alone(|w, batch| w.run_transact(&statements, wall_ms, batch));
+                let _ = reply.send((result, statements));
+            }
+            Request::Apply { changesets, reply } => {
+                let result = self.alone(|w, batch| w.run_apply(&changesets, wall_ms, batch));
+                let result = match result {
+                    Err(_) if changesets.len() > 1 => {
+                        Ok(self.apply_one_by_one(&changesets, wall_ms))
+                    }
+                    Err(err) => Ok(rejected_all(&changesets, &err)),
+                    ok => ok,
+                };
+                let _ = reply.send(result);
+            }
+            Request::Migrate { schema, reply } => {
+                let _ = reply.send(self.migrate(*schema));
+            }
+        }
+    }
+
+    /// Applies each changeset in a transaction of its own, so one that fails costs only itself.
+    fn apply_one_by_one(&mut self, changesets: &[Changeset], wall_ms: u64) -> Applied {
+        let mut total = Applied::default();
+        for changeset in changesets {
+            let one = std::slice::from_ref(changeset);
+            match self.alone(|w, batch| w.run_apply(one, wall_ms, batch)) {
+                Ok(applied) => total.absorb(applied),
+                Err(err) => total.absorb(rejected_all(one, &err)),
+            }
+        }
+        total
+    }
+
+    /// Runs `f` in a transaction of its own: committed if it succeeds, rolled back if not.
+    fn alone<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self, &mut Batch) -> Result<T, Failure>,
+    ) -> Result<T> {
+        if let Err(err) = self.run_sql("BEGIN IMMEDIATE") {
+            return Err(StoreError::Corrupt(format!(
+                "could not begin a transaction: {err}"
+            )));
+        }
+        let mut batch = Batch::default();
+        match f(self, &mut batch) {
+            Ok(value) => {
+                self.commit(batch)?;
+                Ok(value)
+            }
+            Err(failure) => {
+                self.abort();
+                Err(failure.into_error())
+            }
+        }
+    }
+
+    /// Commits the open transaction, then publishes the bookkeeping and the commit event.
+    fn commit(&mut self, batch: Batch) -> Result<()> {
+        if let Err(err) = self.finish_group(&batch.touched) {
+            tracing::error!(error = %err, "commit failed; rolled back");
+            self.abort();
+            return Err(StoreError::Corrupt(format!("commit failed: {err}")));
+        }
+        self.publish();
+        let mut event = batch.event;
+        event.changed.sort();
+        event.changed.dedup();
+        if !event.local.is_empty() || !event.changed.is_empty() || !event.applied.is_empty() {
+            // No receiver is fine; a lagging one learns it lagged and recovers.
+            let _ = self.shared.events.send(Arc::new(event));
+        }
+        Ok(())
+    }
+
+    /// Rolls the open transaction back and reloads the bookkeeping it may have changed.
+    fn abort(&mut self) {
+        if let Err(err) = self.run_sql("ROLLBACK") {
+            tracing::error!(error = %err, "rollback failed");
+        }
+        self.reload();
     }
 
     fn finish_group(&mut self, touched: &HashSet<Ord>) -> Result<()> {
@@ -242,23 +318,6 @@ impl Writer {
         Ok(())
     }
 
-    fn fail_group(&mut self, group: Vec<Request>, err: &StoreError) {
-        for request in group {
-            let err = StoreError::Corrupt(format!("could not begin a transaction: {err}"));
-            match request {
-                Request::Transact { reply, statements } => {
-                    let _ = reply.send((Err(err), statements));
-                }
-                Request::Apply { reply, .. } => {
-                    let _ = reply.send(Err(err));
-                }
-                Request::Migrate { reply, .. } => {
-                    let _ = reply.send(Err(err));
-                }
-            }
-        }
-    }
-
     /// Publishes the bookkeeping cache after a commit.
     fn publish(&self) {
         let mut shared = self
@@ -282,54 +341,31 @@ impl Writer {
         self.conn.prepare_cached(sql)?.raw_execute().map(|_| ())
     }
 
-    /// Runs one request (or changeset) of a group so that its failure undoes only its own work.
-    fn savepoint<T>(&mut self, alone: bool, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        if alone {
-            let result = f(self);
-            if result.is_err() {
-                self.conn.execute_batch("ROLLBACK; BEGIN IMMEDIATE")?;
-                // The rollback may have taken site registrations with it.
-                self.reload();
-            }
-            return result;
-        }
-        self.run_sql("SAVEPOINT item")?;
-        match f(self) {
-            Ok(value) => {
-                self.run_sql("RELEASE item")?;
-                Ok(value)
-            }
-            Err(err) => {
-                self.conn.execute_batch("ROLLBACK TO item; RELEASE item")?;
-                Err(err)
-            }
-        }
-    }
-
     // ---- local transactions ----
 
-    fn transact(
+    /// Runs a local transaction inside the open one.
+    fn run_transact(
         &mut self,
         statements: &[Statement],
         wall_ms: u64,
-        alone: bool,
-    ) -> Result<Committed> {
+        batch: &mut Batch,
+    ) -> Result<Committed, Failure> {
         let limits = &self.shared.options;
         if statements.len() > limits.statements_max {
-            return Err(StoreError::TooLarge {
+            return Err(Failure::Clean(StoreError::TooLarge {
                 what: "statement count",
                 size: statements.len(),
                 limit: limits.statements_max,
-            });
+            }));
         }
         let ord = self.shared.ord;
         let head = self.books.sites.get(&ord).map_or(0, |b| b.head);
         let ts = self.clock.tick(wall_ms);
         let version = head + 1;
-        let result = self.savepoint(alone, |w| w.run_statements(statements, version, ts));
+        let result = self.run_statements(statements, version, ts);
         self.capture.set_capturing(false);
         self.user_mode.store(false, Ordering::Relaxed);
-        let (rows_affected, recorder) = result?;
+        let (rows_affected, recorder) = result.map_err(Failure::Dirty)?;
         let Some(changeset) = recorder.finish() else {
             return Ok(Committed {
                 version: None,
@@ -338,17 +374,25 @@ impl Writer {
                 changeset: None,
             });
         };
-        let book = self.books.sites.entry(ord).or_default();
-        book.head = version;
+        self.books.sites.entry(ord).or_default().head = version;
         self.shared
             .stats
             .local_versions_total
             .fetch_add(1, Ordering::Relaxed);
+        let changeset = Arc::new(changeset);
+        batch.touched.insert(ord);
+        batch.event.local.push(Arc::clone(&changeset));
+        batch.event.changed.extend(
+            changeset
+                .changes
+                .iter()
+                .map(|c| (c.table.clone(), c.pk.clone())),
+        );
         Ok(Committed {
             version: Some(version),
             ts,
             rows_affected,
-            changeset: Some(Arc::new(changeset)),
+            changeset: Some(changeset),
         })
     }
 
@@ -444,23 +488,22 @@ impl Writer {
 
     // ---- remote changes ----
 
-    fn apply(
+    /// Applies remote changesets inside the open transaction. A changeset refused before it
+    /// wrote anything is reported and skipped; a failure after it may have written aborts.
+    fn run_apply(
         &mut self,
-        changesets: Vec<Changeset>,
+        changesets: &[Changeset],
         wall_ms: u64,
-        alone: bool,
-        touched: &mut HashSet<Ord>,
-        event: &mut CommitEvent,
-    ) -> Applied {
+        batch: &mut Batch,
+    ) -> Result<Applied, Failure> {
         let mut applied = Applied::default();
         for changeset in changesets {
-            let site = changeset.site;
-            let version = changeset.version;
-            match self.apply_one(changeset, wall_ms, alone, touched, event) {
+            let (site, version) = (changeset.site, changeset.version);
+            match self.apply_one(changeset, wall_ms, batch)? {
                 Ok(Outcome::Applied { changed }) => {
                     applied.versions.push((site, version));
                     applied.rows_changed += changed;
-                    event.applied.push((site, version));
+                    batch.event.applied.push((site, version));
                 }
                 Ok(Outcome::Buffered) => applied.buffered += 1,
                 Ok(Outcome::Duplicate) => applied.duplicates += 1,
@@ -485,29 +528,31 @@ impl Writer {
         stats
             .duplicates_total
             .fetch_add(applied.duplicates as u64, Ordering::Relaxed);
-        applied
+        Ok(applied)
     }
 
+    /// Applies one changeset. The outer error means it failed after it may have written; the
+    /// inner one that it was refused untouched.
     fn apply_one(
         &mut self,
-        changeset: Changeset,
+        changeset: &Changeset,
         wall_ms: u64,
-        alone: bool,
-        touched: &mut HashSet<Ord>,
-        event: &mut CommitEvent,
-    ) -> Result<Outcome> {
-        changeset.validate()?;
+        batch: &mut Batch,
+    ) -> Result<Result<Outcome>, Failure> {
+        if let Err(err) = changeset.validate() {
+            return Ok(Err(err));
+        }
         if changeset.site == self.shared.site {
             // Never take content for our own site from elsewhere: we wrote it, or it never was.
             let head = self.books.sites.get(&self.shared.ord).map_or(0, |b| b.head);
-            return if changeset.version <= head {
+            return Ok(if changeset.version <= head {
                 Ok(Outcome::Duplicate)
             } else {
                 Err(StoreError::Malformed(format!(
                     "version {} of our own site is beyond our head {head}",
                     changeset.version
                 )))
-            };
+            });
         }
         if self.clock.observe(changeset.ts, wall_ms) == Observed::FarFuture {
             self.shared
@@ -515,34 +560,31 @@ impl Writer {
                 .far_future_total
                 .fetch_add(1, Ordering::Relaxed);
         }
-        // Registering a site is outside the savepoint: a rolled-back item must not leave the
-        // in-memory registry ahead of the database.
-        let ord = self.books.ord_of(&self.conn, changeset.site)?;
-        let saved: SiteBook = self.books.sites.get(&ord).cloned().unwrap_or_default();
-        if saved.has(changeset.version) {
-            return Ok(Outcome::Duplicate);
+        let ord = self
+            .books
+            .ord_of(&self.conn, changeset.site)
+            .map_err(Failure::Dirty)?;
+        if self
+            .books
+            .sites
+            .get(&ord)
+            .is_some_and(|b| b.has(changeset.version))
+        {
+            return Ok(Ok(Outcome::Duplicate));
         }
-        let result = self.savepoint(alone, |w| {
-            w.apply_in_savepoint(ord, changeset, wall_ms, event)
-        });
-        match result {
-            Ok(outcome) => {
-                touched.insert(ord);
-                Ok(outcome)
-            }
-            Err(err) => {
-                self.books.sites.insert(ord, saved);
-                Err(err)
-            }
-        }
+        let outcome = self
+            .merge_changeset(ord, changeset, wall_ms, batch)
+            .map_err(Failure::Dirty)?;
+        batch.touched.insert(ord);
+        Ok(Ok(outcome))
     }
 
-    fn apply_in_savepoint(
+    fn merge_changeset(
         &mut self,
         ord: Ord,
-        changeset: Changeset,
+        changeset: &Changeset,
         wall_ms: u64,
-        event: &mut CommitEvent,
+        batch: &mut Batch,
     ) -> Result<Outcome> {
         let version = changeset.version;
         let has_partial = self
@@ -556,7 +598,7 @@ impl Writer {
             ts: changeset.ts,
         };
         if changeset.is_complete() && !has_partial {
-            let changed = self.merge_all(origin, &changeset.changes, event)?;
+            let changed = self.merge_all(origin, &changeset.changes, &mut batch.event)?;
             let book = self.books.sites.entry(ord).or_default();
             book.mark(&self.conn, ord, version)?;
             return Ok(Outcome::Applied { changed });
@@ -601,7 +643,7 @@ impl Writer {
             return Ok(Outcome::Buffered);
         }
         let changes = buffered_changes(&self.conn, ord, version)?;
-        let changed = self.merge_all(origin, &changes, event)?;
+        let changed = self.merge_all(origin, &changes, &mut batch.event)?;
         let book = self.books.sites.entry(ord).or_default();
         book.drop_partial(&self.conn, ord, version)?;
         book.mark(&self.conn, ord, version)?;
@@ -614,35 +656,27 @@ impl Writer {
         changes: &[super::change::Change],
         event: &mut CommitEvent,
     ) -> Result<usize> {
-        let mut changed = 0;
-        for change in changes {
-            match apply::merge(
-                &self.conn,
-                &self.catalog.by_name,
-                &self.books,
-                origin,
-                change,
-            )? {
-                Merged::Changed => {
-                    changed += 1;
-                    event
-                        .changed
-                        .push((change.table.clone(), change.pk.clone()));
-                }
-                Merged::Parked => {
-                    self.shared
-                        .stats
-                        .parked_total
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Merged::Unchanged => {}
+        let mut changed_total = 0;
+        // The changes of one row come one after another (they were recorded that way).
+        for row in changes.chunk_by(|a, b| a.table == b.table && a.pk == b.pk) {
+            let (changed, parked) =
+                apply::merge_row(&self.conn, &self.catalog.by_name, &self.books, origin, row)?;
+            if changed > 0 {
+                changed_total += changed;
+                event
+                    .changed
+                    .push((row[0].table.clone(), row[0].pk.clone()));
             }
+            self.shared
+                .stats
+                .parked_total
+                .fetch_add(parked as u64, Ordering::Relaxed);
         }
         self.shared
             .stats
             .merged_changes_total
             .fetch_add(changes.len() as u64, Ordering::Relaxed);
-        Ok(changed)
+        Ok(changed_total)
     }
 
     // ---- schema ----
@@ -786,6 +820,62 @@ impl Writer {
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&catalog);
         self.catalog = catalog;
+    }
+}
+
+/// How a request of a group failed.
+enum Failure {
+    /// Refused before it wrote anything: the transaction goes on without it.
+    Clean(StoreError),
+    /// Failed after it may have written: the transaction must be rolled back.
+    Dirty(StoreError),
+}
+
+impl Failure {
+    fn into_error(self) -> StoreError {
+        match self {
+            Failure::Clean(err) | Failure::Dirty(err) => err,
+        }
+    }
+}
+
+/// What a transaction's requests changed, published after its commit.
+#[derive(Default)]
+struct Batch {
+    touched: HashSet<Ord>,
+    event: CommitEvent,
+}
+
+/// The result of a request of a group, replied after the commit.
+enum ItemResult {
+    Transact(Result<Committed>),
+    Apply(Applied),
+}
+
+fn reply(request: Request, result: ItemResult) {
+    match (request, result) {
+        (Request::Transact { statements, reply }, ItemResult::Transact(result)) => {
+            let _ = reply.send((result, statements));
+        }
+        (Request::Apply { reply, .. }, ItemResult::Apply(applied)) => {
+            let _ = reply.send(Ok(applied));
+        }
+        (request, _) => unreachable!("a result always matches its request: {}", request.kind()),
+    }
+}
+
+/// Every changeset refused for one reason.
+fn rejected_all(changesets: &[Changeset], err: &StoreError) -> Applied {
+    Applied {
+        rejected: changesets
+            .iter()
+            .map(|c| Rejected {
+                site: c.site,
+                version: c.version,
+                reason: err.to_string(),
+            })
+            .collect(),
+        ..Applied::default()
     }
 }
 

@@ -2,6 +2,7 @@
 //! `RESULT {json}`.
 
 use clap::{Parser, Subcommand};
+use strata_tests::bench::{cluster, store};
 
 /// Strata's benchmarks.
 #[derive(Parser, Debug)]
@@ -19,14 +20,88 @@ enum Scenario {
     /// The replicated store against plain SQLite: inserts, updates, re-publish, apply,
     /// single-row transactions, adding a column to a 1M-row table.
     Store,
+    /// A write on one node until visible on every other node.
+    Propagation {
+        /// Nodes (processes).
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// Writes measured.
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+    },
+    /// Payload copies and wire bytes each node receives per change, direct push vs gossip.
+    Redundancy {
+        /// Nodes (processes).
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// Changes written.
+        #[arg(long, default_value_t = 500)]
+        changes: usize,
+    },
+    /// Sustained transactions through gRPC.
+    Throughput {
+        /// Nodes (processes).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// Seconds for a fresh node to hold every row.
+    Catchup {
+        /// Rows the region holds.
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+    },
+    /// Seconds from kill -9 of a node until every other marks it down.
+    Detect {
+        /// Nodes (processes).
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// First run this many seconds with every core busy, counting false downs.
+        #[arg(long, default_value_t = 0)]
+        soak: u64,
+    },
+    /// Resident memory per node, idle and after 100k rows.
+    Rss {
+        /// Nodes (processes).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Rows loaded.
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let temp = tempfile::tempdir()?;
     let dir = cli.dir.unwrap_or_else(|| temp.path().to_owned());
     std::fs::create_dir_all(&dir)?;
-    match cli.scenario {
-        Scenario::Store => strata_tests::bench::store::run(&dir),
+    if let Scenario::Store = cli.scenario {
+        return store::run(&dir);
     }
+    cluster::build_daemons()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.scenario {
+            Scenario::Store => unreachable!("handled above"),
+            Scenario::Propagation { nodes, writes } => cluster::propagation(nodes, writes).await,
+            Scenario::Redundancy { nodes, changes } => cluster::redundancy(nodes, changes).await,
+            Scenario::Throughput {
+                nodes,
+                clients,
+                seconds,
+            } => cluster::throughput(nodes, clients, seconds).await,
+            Scenario::Catchup { rows } => cluster::catchup(rows).await,
+            Scenario::Detect { nodes, soak } => cluster::detect(nodes, soak).await,
+            Scenario::Rss { nodes, rows } => cluster::rss(nodes, rows).await,
+        }
+    })
 }

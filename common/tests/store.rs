@@ -832,3 +832,28 @@ fn a_failing_transaction_in_a_shared_commit_fails_alone() {
         "the failed transaction used no version"
     );
 }
+
+#[test]
+fn chunks_of_a_version_arriving_together_are_joined_without_buffering() {
+    let a = Node::new();
+    let b = Node::new();
+    let rows: Vec<Statement> = (0..40)
+        .map(|i| {
+            Statement::new(format!(
+                "INSERT INTO machines (id, note) VALUES ('m{i}', '{}')",
+                "x".repeat(50)
+            ))
+        })
+        .collect();
+    let whole = a.store.transact_blocking(rows).unwrap().changeset.unwrap();
+    let mut chunks = (*whole).clone().chunked(600);
+    assert!(chunks.len() >= 3);
+    chunks.reverse();
+    let duplicate = chunks[1].clone();
+    chunks.push(duplicate);
+    let applied = b.store.apply_blocking(chunks).unwrap();
+    assert_eq!(applied.versions, vec![(a.store.site(), 1)]);
+    assert_eq!(applied.buffered, 0);
+    assert_eq!(b.store.stats().buffered_chunks_total, 0);
+    assert_eq!(a.store.dump().unwrap(), b.store.dump().unwrap());
+}

@@ -14,7 +14,7 @@
 //! Merging is commutative and idempotent: replaying a change, or receiving changes in any order,
 //! ends in the same state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use rusqlite::{Connection, ToSql, params_from_iter};
@@ -47,44 +47,103 @@ pub(crate) struct Origin {
     pub(crate) ts: Timestamp,
 }
 
-/// Merges the changes of one row (consecutive changes with the same table and key, from one
-/// version). A row this node has never seen, entering one live life, is inserted whole: one
-/// base insert and its clock entries, instead of a merge per cell (what a catching-up node
-/// mostly does). Anything else goes change by change. Returns how many changes altered the row.
-pub(crate) fn merge_row(
-    conn: &Connection,
-    tables: &HashMap<String, Arc<Table>>,
-    books: &Books,
+/// Rows never seen here inserted per statement at most: bounds a statement's parameters (the
+/// limit is 32766) and the work between two checks of the next row.
+const FRESH_BATCH_ROWS: usize = 64;
+
+/// Merges the changes of one version row by row (a row's changes come one after another).
+///
+/// A row this node has never seen, entering one live life, is inserted whole, together with
+/// the next such rows of the same table: one multi-row base insert and one multi-row insert of
+/// clock entries for up to [`FRESH_BATCH_ROWS`] rows, instead of a merge per cell. That is what
+/// a catching-up node does for almost every row. Any other row goes change by change, after the
+/// batch so far is written.
+pub(crate) struct RowMerger<'a> {
+    conn: &'a Connection,
+    tables: &'a HashMap<String, Arc<Table>>,
+    books: &'a Books,
     origin: Origin,
-    changes: &[Change],
-) -> Result<(usize, usize)> {
-    let Some(first) = changes.first() else {
-        return Ok((0, 0));
-    };
-    if let Some(table) = tables.get(&first.table)
-        && changes.len() > 1
-        && first.cl % 2 == 1
-        && changes.iter().all(|c| c.cl == first.cl)
-        && changes.iter().all(|c| {
-            c.column
-                .as_deref()
-                .is_none_or(|col| table.tracked_position(col).is_some())
-        })
-        && distinct_columns(changes)
-        && clock::row_get(conn, table, &first.pk)?.is_none()
-    {
-        insert_row(conn, table, origin, changes)?;
-        return Ok((changes.len(), 0));
-    }
-    let (mut changed, mut parked) = (0, 0);
-    for change in changes {
-        match merge(conn, tables, books, origin, change)? {
-            Merged::Changed => changed += 1,
-            Merged::Parked => parked += 1,
-            Merged::Unchanged => {}
+    fresh: Vec<&'a [Change]>,
+    fresh_table: Option<Arc<Table>>,
+    fresh_keys: HashSet<&'a [u8]>,
+}
+
+impl<'a> RowMerger<'a> {
+    /// A merger for the changes of one version.
+    pub(crate) fn new(
+        conn: &'a Connection,
+        tables: &'a HashMap<String, Arc<Table>>,
+        books: &'a Books,
+        origin: Origin,
+    ) -> RowMerger<'a> {
+        RowMerger {
+            conn,
+            tables,
+            books,
+            origin,
+            fresh: Vec::new(),
+            fresh_table: None,
+            fresh_keys: HashSet::new(),
         }
     }
-    Ok((changed, parked))
+
+    /// Merges the changes of one row. Returns how many altered it, and how many were parked.
+    pub(crate) fn row(&mut self, changes: &'a [Change]) -> Result<(usize, usize)> {
+        let Some(first) = changes.first() else {
+            return Ok((0, 0));
+        };
+        if let Some(table) = self.tables.get(&first.table)
+            && changes.len() > 1
+            && first.cl % 2 == 1
+            && changes.iter().all(|c| c.cl == first.cl)
+            && changes.iter().all(|c| {
+                c.column
+                    .as_deref()
+                    .is_none_or(|col| table.tracked_position(col).is_some())
+            })
+            && distinct_columns(changes)
+            && !self.fresh_keys.contains(first.pk.as_slice())
+            && clock::row_get(self.conn, table, &first.pk)?.is_none()
+        {
+            if self
+                .fresh_table
+                .as_ref()
+                .is_some_and(|t| t.tid != table.tid)
+                || self.fresh.len() >= FRESH_BATCH_ROWS
+            {
+                self.flush()?;
+            }
+            self.fresh_table = Some(Arc::clone(table));
+            self.fresh_keys.insert(&first.pk);
+            self.fresh.push(changes);
+            return Ok((changes.len(), 0));
+        }
+        // The batch first: this row may be one of them again.
+        self.flush()?;
+        let (mut changed, mut parked) = (0, 0);
+        for change in changes {
+            match merge(self.conn, self.tables, self.books, self.origin, change)? {
+                Merged::Changed => changed += 1,
+                Merged::Parked => parked += 1,
+                Merged::Unchanged => {}
+            }
+        }
+        Ok((changed, parked))
+    }
+
+    /// Writes what is still batched.
+    pub(crate) fn finish(mut self) -> Result<()> {
+        self.flush()
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if let Some(table) = self.fresh_table.take() {
+            insert_rows(self.conn, &table, self.origin, &self.fresh)?;
+        }
+        self.fresh.clear();
+        self.fresh_keys.clear();
+        Ok(())
+    }
 }
 
 /// Whether no column appears twice (a well-formed version never repeats one).
@@ -100,59 +159,120 @@ fn distinct_columns(changes: &[Change]) -> bool {
     true
 }
 
-/// Inserts a row never seen here, with every cell the changes carry.
-fn insert_row(conn: &Connection, table: &Table, origin: Origin, changes: &[Change]) -> Result<()> {
-    let first = &changes[0];
-    let key_values = unpack_pk(&first.pk)?;
-    if key_values.len() != table.key.len() {
-        return Err(StoreError::Malformed(format!(
-            "key of \"{}\" has {} columns, expected {}",
-            table.name(),
-            key_values.len(),
-            table.key.len()
-        )));
-    }
+/// Inserts rows never seen here, each with every cell its changes carry (the other columns
+/// take their defaults, as SQLite would give them).
+fn insert_rows(conn: &Connection, table: &Table, origin: Origin, rows: &[&[Change]]) -> Result<()> {
     let stamp = |seq| Stamp {
         ts: origin.ts,
         site: origin.ord,
         version: origin.version,
         seq,
     };
-    let mut columns: Vec<String> = table
+    let width = table.key.len() + table.tracked.len();
+    let mut base: Vec<Value> = Vec::with_capacity(rows.len() * width);
+    let mut entries: Vec<(&[u8], i64, u64, Stamp)> = Vec::new();
+    for changes in rows {
+        let first = &changes[0];
+        let key_values = unpack_pk(&first.pk)?;
+        if key_values.len() != table.key.len() {
+            return Err(StoreError::Malformed(format!(
+                "key of \"{}\" has {} columns, expected {}",
+                table.name(),
+                key_values.len(),
+                table.key.len()
+            )));
+        }
+        base.extend(key_values);
+        let mut row_stamp = Stamp::IMPLIED;
+        let start = base.len();
+        base.extend(table.tracked.iter().map(|&p| table.default_of(p).clone()));
+        for change in *changes {
+            match change
+                .column
+                .as_deref()
+                .and_then(|c| table.tracked_position(c))
+            {
+                Some(position) => {
+                    if let Some(slot) = table.tracked.iter().position(|&p| p == position) {
+                        base[start + slot] = change.value.clone();
+                    }
+                    entries.push((&first.pk, position as i64, first.cl, stamp(change.seq)));
+                }
+                None => row_stamp = stamp(change.seq),
+            }
+        }
+        entries.push((&first.pk, clock::ROW_CID, first.cl, row_stamp));
+    }
+    let columns: Vec<String> = table
         .key
         .iter()
+        .chain(&table.tracked)
         .map(|&p| quote(table.column_name(p)))
         .collect();
-    let mut values: Vec<&dyn ToSql> = key_values.iter().map(|v| v as &dyn ToSql).collect();
-    let mut cells = Vec::new();
-    let mut row_stamp = Stamp::IMPLIED;
-    for change in changes {
-        match change
-            .column
-            .as_deref()
-            .and_then(|c| table.tracked_position(c))
-        {
-            Some(position) => {
-                columns.push(quote(table.column_name(position)));
-                values.push(&change.value);
-                cells.push((position, stamp(change.seq)));
-            }
-            None => row_stamp = stamp(change.seq),
-        }
+    for chunk in base.chunks(width * FRESH_BATCH_ROWS) {
+        let sql = multi_row_insert(
+            &quote(table.name()),
+            &columns.join(", "),
+            width,
+            chunk.len() / width,
+        );
+        conn.prepare_cached(&sql)?
+            .execute(rusqlite::params_from_iter(chunk.iter()))?;
     }
-    let placeholders: Vec<String> = (1..=values.len()).map(|i| format!("?{i}")).collect();
-    let sql = format!(
-        "INSERT INTO {} ({}) VALUES ({})",
-        quote(table.name()),
-        columns.join(", "),
-        placeholders.join(", ")
-    );
-    conn.prepare_cached(&sql)?.execute(values.as_slice())?;
-    clock::row_set(conn, table, &first.pk, first.cl, row_stamp)?;
-    for (position, cell_stamp) in cells {
-        clock::clock_set(conn, table, &first.pk, position, first.cl, cell_stamp)?;
+    // Clock entries: 7 values each, a few hundred per statement.
+    for chunk in entries.chunks(256) {
+        let sql = multi_row_insert(
+            &format!("__strata_clock_{}", table.tid),
+            "pk, cid, cl, ts, site, version, seq",
+            7,
+            chunk.len(),
+        );
+        let mut params: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * 7);
+        let owned: Vec<[i64; 5]> = chunk
+            .iter()
+            .map(|(_, cid, cl, s)| {
+                [
+                    *cid,
+                    super::book::to_sql(*cl),
+                    s.ts.as_sql(),
+                    s.site,
+                    super::book::to_sql(s.version),
+                ]
+            })
+            .collect();
+        let seqs: Vec<u32> = chunk.iter().map(|(_, _, _, s)| s.seq).collect();
+        for (i, (pk, ..)) in chunk.iter().enumerate() {
+            params.push(pk);
+            for value in &owned[i] {
+                params.push(value);
+            }
+            params.push(&seqs[i]);
+        }
+        conn.prepare_cached(&sql)?.execute(params.as_slice())?;
     }
     Ok(())
+}
+
+/// `INSERT INTO <table> (<columns>) VALUES (?, ..), (?, ..), ..` for `rows` rows of `width`.
+fn multi_row_insert(table: &str, columns: &str, width: usize, rows: usize) -> String {
+    let mut sql = format!("INSERT INTO {table} ({columns}) VALUES ");
+    let mut n = 0;
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..width {
+            n += 1;
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('?');
+            sql.push_str(&n.to_string());
+        }
+        sql.push(')');
+    }
+    sql
 }
 
 /// Merges one change. `tables` are the tables by name; `books` gives site ids for ordering.

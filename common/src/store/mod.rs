@@ -116,7 +116,7 @@ impl Default for StoreOptions {
             statements_max: 10_000,
             sql_bytes_max: 1 << 20,
             cells_max: 100_000,
-            chunk_bytes: 64 * 1024,
+            chunk_bytes: 256 * 1024,
             clock_drift_max_ms: 10_000,
             durability: Durability::Normal,
             events_capacity: 1024,

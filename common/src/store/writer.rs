@@ -497,7 +497,8 @@ impl Writer {
         batch: &mut Batch,
     ) -> Result<Applied, Failure> {
         let mut applied = Applied::default();
-        for changeset in changesets {
+        for changeset in reassemble(changesets) {
+            let changeset = changeset.as_ref();
             let (site, version) = (changeset.site, changeset.version);
             match self.apply_one(changeset, wall_ms, batch)? {
                 Ok(Outcome::Applied { changed }) => {
@@ -657,10 +658,11 @@ impl Writer {
         event: &mut CommitEvent,
     ) -> Result<usize> {
         let mut changed_total = 0;
+        let mut merger =
+            apply::RowMerger::new(&self.conn, &self.catalog.by_name, &self.books, origin);
         // The changes of one row come one after another (they were recorded that way).
         for row in changes.chunk_by(|a, b| a.table == b.table && a.pk == b.pk) {
-            let (changed, parked) =
-                apply::merge_row(&self.conn, &self.catalog.by_name, &self.books, origin, row)?;
+            let (changed, parked) = merger.row(row)?;
             if changed > 0 {
                 changed_total += changed;
                 event
@@ -672,6 +674,7 @@ impl Writer {
                 .parked_total
                 .fetch_add(parked as u64, Ordering::Relaxed);
         }
+        merger.finish()?;
         self.shared
             .stats
             .merged_changes_total
@@ -862,6 +865,75 @@ fn reply(request: Request, result: ItemResult) {
         }
         (request, _) => unreachable!("a result always matches its request: {}", request.kind()),
     }
+}
+
+/// Joins chunks of one version that arrived together and cover it whole, so the version is
+/// merged at once instead of going through the buffer of partial versions (written to disk and
+/// read back). Chunks that do not complete a version pass through as they are.
+fn reassemble(changesets: &[Changeset]) -> Vec<std::borrow::Cow<'_, Changeset>> {
+    use std::borrow::Cow;
+    let mut chunks: HashMap<(super::change::SiteId, u64), Vec<&Changeset>> = HashMap::new();
+    for changeset in changesets {
+        if !changeset.is_complete() {
+            chunks
+                .entry((changeset.site, changeset.version))
+                .or_default()
+                .push(changeset);
+        }
+    }
+    let mut joined: HashMap<(super::change::SiteId, u64), Changeset> = HashMap::new();
+    for (key, mut parts) in chunks {
+        parts.sort_by_key(|c| c.seq_first);
+        let last_seq = parts.iter().map(|c| c.last_seq).min().unwrap_or(0);
+        let mut covered: Option<u32> = None;
+        for part in &parts {
+            let contiguous = match covered {
+                None => part.seq_first == 0,
+                Some(end) => part.seq_first <= end.saturating_add(1),
+            };
+            if !contiguous {
+                break;
+            }
+            covered = Some(covered.map_or(part.seq_last, |end| end.max(part.seq_last)));
+        }
+        if covered.is_none_or(|end| end < last_seq) || parts.iter().any(|p| p.validate().is_err()) {
+            continue;
+        }
+        let mut changes: Vec<super::change::Change> = parts
+            .iter()
+            .flat_map(|p| p.changes.iter().cloned())
+            .collect();
+        changes.sort_by_key(|c| c.seq);
+        changes.dedup_by_key(|c| c.seq);
+        let first = parts[0];
+        joined.insert(
+            key,
+            Changeset {
+                site: first.site,
+                version: first.version,
+                ts: first.ts,
+                seq_first: 0,
+                seq_last: last_seq.max(changes.last().map_or(0, |c| c.seq)),
+                last_seq: last_seq.max(changes.last().map_or(0, |c| c.seq)),
+                changes,
+            },
+        );
+    }
+    let mut out = Vec::with_capacity(changesets.len());
+    let mut placed = std::collections::HashSet::new();
+    for changeset in changesets {
+        let key = (changeset.site, changeset.version);
+        if changeset.is_complete() {
+            out.push(Cow::Borrowed(changeset));
+        } else if let Some(whole) = joined.remove(&key) {
+            out.push(Cow::Owned(whole));
+            placed.insert(key);
+        } else if !placed.contains(&key) {
+            // A chunk that stays partial.
+            out.push(Cow::Borrowed(changeset));
+        }
+    }
+    out
 }
 
 /// Every changeset refused for one reason.

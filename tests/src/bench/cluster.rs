@@ -441,6 +441,14 @@ pub async fn catchup(rows: usize) -> anyhow::Result<()> {
     progress(format!(
         "  fresh node held every row {seconds:.2} s after it was started"
     ));
+    let metrics = scrape(cluster.nodes[fresh].admin).await?;
+    progress(format!(
+        "  fresh node: {:.2} s applying, {} sync sessions, {:.1} MB received by sync, {:.0} changesets",
+        metric(&metrics, "strata_apply_seconds_sum"),
+        metric(&metrics, "strata_sync_sessions_total"),
+        metric(&metrics, "strata_changesets_received_bytes_total") / 1e6,
+        metric(&metrics, "strata_changesets_received_total"),
+    ));
     drop(cluster);
     result(json!({ "rows": rows, "seconds": round2(seconds) }));
     Ok(())

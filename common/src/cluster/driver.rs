@@ -531,6 +531,12 @@ fn push_frames(changesets: &[Changeset], chunk_bytes: usize, frame_bytes: usize)
     frames
 }
 
+/// Upper bound on the frames coalesced onto one push stream. Under load a
+/// peer's queue holds many small pushes; writing them on one stream saves a
+/// stream open, a flow-control round and a reader wakeup per change, while the
+/// bound keeps one slow stream from holding back everything queued behind it.
+const PUSH_STREAM_BYTES_MAX: usize = 1 << 20;
+
 async fn peer_sender(shared: Arc<Shared>, addr: SocketAddr, mut queue: mpsc::Receiver<Outgoing>) {
     while let Some(item) = queue.recv().await {
         shared.metrics.peer_queue_depth.set(queue.len() as i64);
@@ -555,39 +561,57 @@ async fn peer_sender(shared: Arc<Shared>, addr: SocketAddr, mut queue: mpsc::Rec
             }
         };
         match item {
-            Outgoing::Datagram(bytes) => {
-                match conn.send_datagram(encode_datagram(KIND_SWIM, &bytes)) {
-                    Ok(()) => {
-                        shared.metrics.datagrams_sent.inc();
-                    }
-                    Err(_) => {
-                        shared
-                            .metrics
-                            .datagrams_dropped
-                            .get_or_create(&ReasonLabel::new("send_error"))
-                            .inc();
+            Outgoing::Datagram(bytes) => send_datagram(&shared, &conn, &bytes),
+            Outgoing::Push(mut frames) => {
+                // Take whatever else is already queued for this peer; datagrams
+                // go out at once, pushes ride the same stream.
+                let mut size: usize = frames.iter().map(Bytes::len).sum();
+                while size < PUSH_STREAM_BYTES_MAX {
+                    match queue.try_recv() {
+                        Ok(Outgoing::Push(more)) => {
+                            size += more.iter().map(Bytes::len).sum::<usize>();
+                            frames.extend(more);
+                        }
+                        Ok(Outgoing::Datagram(bytes)) => send_datagram(&shared, &conn, &bytes),
+                        Err(_) => break,
                     }
                 }
-            }
-            Outgoing::Push(frames) => {
-                for frame in frames {
-                    if let Err(err) = push(&conn, frame).await {
-                        tracing::debug!(%addr, error = %err, "push failed");
-                        shared
-                            .metrics
-                            .broadcast_dropped
-                            .get_or_create(&ReasonLabel::new("send_error"))
-                            .inc();
-                    }
+                let count = frames.len() as u64;
+                if let Err(err) = push(&conn, frames).await {
+                    tracing::debug!(%addr, error = %err, "push failed");
+                    shared
+                        .metrics
+                        .broadcast_dropped
+                        .get_or_create(&ReasonLabel::new("send_error"))
+                        .inc_by(count);
                 }
             }
         }
     }
 }
 
-async fn push(conn: &Conn, frame: Bytes) -> Result<(), crate::transport::TransportError> {
+fn send_datagram(shared: &Shared, conn: &Conn, bytes: &Bytes) {
+    match conn.send_datagram(encode_datagram(KIND_SWIM, bytes)) {
+        Ok(()) => {
+            shared.metrics.datagrams_sent.inc();
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .datagrams_dropped
+                .get_or_create(&ReasonLabel::new("send_error"))
+                .inc();
+        }
+    }
+}
+
+/// Writes `frames` on one unidirectional stream; the reader takes frames until
+/// the stream ends.
+async fn push(conn: &Conn, frames: Vec<Bytes>) -> Result<(), crate::transport::TransportError> {
     let mut stream = conn.open_uni().await?;
-    stream.write_all(&frame).await?;
+    for frame in frames {
+        stream.write_all(&frame).await?;
+    }
     let _ = stream.finish();
     Ok(())
 }
@@ -669,45 +693,53 @@ async fn read_pushes(shared: Arc<Shared>, conn: Conn) {
         let from = conn.remote_addr();
         crate::telemetry::spawn(&shared.tracker.clone(), async move {
             let _permit = permit;
-            let frame = match read_frame(&mut stream, shared.options.frame_bytes_max).await {
-                Ok(Some(frame)) if frame.kind == KIND_CHANGES => frame,
-                Ok(_) | Err(_) => {
-                    shared
-                        .metrics
-                        .broadcast_dropped
-                        .get_or_create(&ReasonLabel::new("malformed"))
-                        .inc();
+            loop {
+                let frame = match read_frame(&mut stream, shared.options.frame_bytes_max).await {
+                    Ok(Some(frame)) if frame.kind == KIND_CHANGES => frame,
+                    Ok(None) => return,
+                    Ok(Some(_)) | Err(_) => {
+                        shared
+                            .metrics
+                            .broadcast_dropped
+                            .get_or_create(&ReasonLabel::new("malformed"))
+                            .inc();
+                        let _ = stream.stop(quinn::VarInt::from_u32(0));
+                        return;
+                    }
+                };
+                let changes = match message::decode::<Changes>(&frame.payload) {
+                    Ok(changes) => changes,
+                    Err(err) => {
+                        tracing::debug!(%from, error = %err, "malformed push");
+                        shared
+                            .metrics
+                            .broadcast_dropped
+                            .get_or_create(&ReasonLabel::new("malformed"))
+                            .inc();
+                        let _ = stream.stop(quinn::VarInt::from_u32(0));
+                        return;
+                    }
+                };
+                let via = ViaLabel::broadcast();
+                shared
+                    .metrics
+                    .changesets_received
+                    .get_or_create(&via)
+                    .inc_by(changes.changesets.len() as u64);
+                shared
+                    .metrics
+                    .bytes_received
+                    .get_or_create(&via)
+                    .inc_by(frame.payload.len() as u64);
+                let sent = shared
+                    .events
+                    .send(Event::Received {
+                        from,
+                        changesets: changes.changesets,
+                    })
+                    .await;
+                if sent.is_err() {
                     return;
-                }
-            };
-            match message::decode::<Changes>(&frame.payload) {
-                Ok(changes) => {
-                    let via = ViaLabel::broadcast();
-                    shared
-                        .metrics
-                        .changesets_received
-                        .get_or_create(&via)
-                        .inc_by(changes.changesets.len() as u64);
-                    shared
-                        .metrics
-                        .bytes_received
-                        .get_or_create(&via)
-                        .inc_by(frame.payload.len() as u64);
-                    let _ = shared
-                        .events
-                        .send(Event::Received {
-                            from,
-                            changesets: changes.changesets,
-                        })
-                        .await;
-                }
-                Err(err) => {
-                    tracing::debug!(%from, error = %err, "malformed push");
-                    shared
-                        .metrics
-                        .broadcast_dropped
-                        .get_or_create(&ReasonLabel::new("malformed"))
-                        .inc();
                 }
             }
         });

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["strata/v1/api.proto"];
+    let files = ["strata/v1/api.proto", "strata/v1/global.proto"];
     let fds = protox::compile(files, ["."])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // For gRPC reflection: clients can discover the API without the .proto files.

@@ -14,9 +14,9 @@ use clap::{Args, Subcommand};
 
 use crate::client::{Client, ClientError, ClientTls};
 use crate::config::{ConfigError, NodeConfig};
-use crate::node::{Node, NodeError, NodeSpec, Services};
+use crate::node::{Node, NodeError, NodeSpec};
 use crate::store::Value;
-use crate::transport::{CertPair, PeerIdentity, TransportError, generate_ca, generate_node};
+use crate::transport::{CertPair, PeerIdentity, Tier, TransportError, generate_ca, generate_node};
 
 /// The subcommands both daemons have.
 #[derive(Subcommand, Debug)]
@@ -108,6 +108,11 @@ pub enum TlsCommand {
         /// The node's region (or the global cluster's name).
         #[arg(long)]
         region: String,
+        /// The certificate's tier, `regional` or `global` (default: this daemon's). From the
+        /// global CA, `globald tls node --tier regional --region ams --name ams-publisher`
+        /// makes the certificate a region's publishers present to globald.
+        #[arg(long, value_parser = parse_tier)]
+        tier: Option<Tier>,
         /// Extra IP addresses to name in the certificate.
         #[arg(long)]
         ip: Vec<IpAddr>,
@@ -140,16 +145,12 @@ pub enum CliError {
     Logging(String),
 }
 
-/// Runs a subcommand for a daemon of `spec`. `extra` adds the daemon's own services to a node.
-pub fn execute(
-    spec: NodeSpec,
-    command: Command,
-    extra: impl FnOnce(&Services<'_>, tonic::service::Routes) -> tonic::service::Routes,
-) -> Result<(), CliError> {
+/// Runs a subcommand for a daemon of `spec`.
+pub fn execute(spec: NodeSpec, command: Command) -> Result<(), CliError> {
     // tonic's TLS builds its configuration with the process default provider: make it ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     match command {
-        Command::Run { config } => run(spec, config, extra),
+        Command::Run { config } => run(spec, config),
         Command::Query { api, sql, params } => client_call(&api, |client| async move {
             let params = params.iter().map(|p| parse_param(p)).collect();
             let rows = client.query(&sql, params).await?;
@@ -198,11 +199,7 @@ pub fn execute(
     }
 }
 
-fn run(
-    spec: NodeSpec,
-    config: Option<PathBuf>,
-    extra: impl FnOnce(&Services<'_>, tonic::service::Routes) -> tonic::service::Routes,
-) -> Result<(), CliError> {
+fn run(spec: NodeSpec, config: Option<PathBuf>) -> Result<(), CliError> {
     let config = NodeConfig::load(config.as_deref())?;
     crate::telemetry::init_logging(config.log.format, &config.log.filter)
         .map_err(|err| CliError::Logging(err.to_string()))?;
@@ -216,7 +213,7 @@ fn run(
     )
     .map_err(|err| CliError::Logging(format!("watchdog: {err}")))?;
     let result = runtime.block_on(async move {
-        let node = Node::start(config, spec, extra).await?;
+        let node = Node::start(config, spec).await?;
         wait_for_signal().await;
         tracing::info!("shutting down");
         node.shutdown().await;
@@ -243,7 +240,8 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn client_call<F, Fut>(api: &ApiArgs, call: F) -> Result<(), CliError>
+/// Connects to the node `api` names and runs `call` with a client, on a small runtime.
+pub fn client_call<F, Fut>(api: &ApiArgs, call: F) -> Result<(), CliError>
 where
     F: FnOnce(Client) -> Fut,
     Fut: std::future::Future<Output = Result<(), ClientError>>,
@@ -276,6 +274,7 @@ fn tls(spec: NodeSpec, command: TlsCommand) -> Result<(), CliError> {
             out,
             name,
             region,
+            tier,
             ip,
             dns,
         } => {
@@ -283,7 +282,7 @@ fn tls(spec: NodeSpec, command: TlsCommand) -> Result<(), CliError> {
                 cert_pem: std::fs::read_to_string(ca_dir.join("ca.crt"))?,
                 key_pem: std::fs::read_to_string(ca_dir.join("ca.key"))?,
             };
-            let identity = PeerIdentity::new(name.clone(), spec.tier, region)?;
+            let identity = PeerIdentity::new(name.clone(), tier.unwrap_or(spec.tier), region)?;
             std::fs::create_dir_all(&out)?;
             let (cert, key) = generate_node(&ca, &identity, &dns, &ip)?.write(&out, &name)?;
             println!(
@@ -294,6 +293,10 @@ fn tls(spec: NodeSpec, command: TlsCommand) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+fn parse_tier(text: &str) -> Result<Tier, String> {
+    text.parse().map_err(|err: TransportError| err.to_string())
 }
 
 /// A CLI parameter: an integer, a real, `null`, or text.
@@ -309,7 +312,8 @@ pub fn parse_param(text: &str) -> Value {
     }
 }
 
-fn render(value: &Value) -> String {
+/// A value as the CLI prints it.
+pub fn render(value: &Value) -> String {
     match value {
         Value::Null => String::new(),
         Value::Integer(i) => i.to_string(),

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterConfig;
 use crate::store::{Durability, StoreOptions};
+use crate::transport::Tier;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,16 @@ pub enum ConfigError {
     /// A required key is unset.
     #[error("configuration key {0} is required")]
     Required(&'static str),
+    /// A section configures the other daemon.
+    #[error("section [{section}] configures {owner}; this is a {tier} node")]
+    OtherDaemon {
+        /// The section.
+        section: &'static str,
+        /// The daemon it belongs to.
+        owner: &'static str,
+        /// This node's tier.
+        tier: Tier,
+    },
 }
 
 /// Everything a node is configured with.
@@ -46,6 +57,12 @@ pub struct NodeConfig {
     pub log: LogSection,
     /// The event-loop watchdog.
     pub watchdog: WatchdogSection,
+    /// regiond only: deriving the region's app map and publishing it to the global tier.
+    pub publish: PublishSection,
+    /// globald only: what regions may publish.
+    pub global: GlobalSection,
+    /// globald only: route lookups (`Route`).
+    pub route: RouteSection,
 }
 
 /// Who this node is.
@@ -233,6 +250,123 @@ impl Default for WatchdogSection {
     }
 }
 
+/// The query a region's publishers derive the app map with, for the default Machines schema.
+pub const DEFAULT_DERIVATION: &str = "SELECT app, count(*) AS machines, \
+     count(*) FILTER (WHERE state = 'started') AS started, \
+     count(*) FILTER (WHERE state = 'stopped') AS stopped, \
+     count(*) FILTER (WHERE state NOT IN ('started', 'stopped')) AS other \
+     FROM machines GROUP BY app";
+
+/// The query giving a region's running Machines for route lookups, for the default schema.
+pub const DEFAULT_MACHINES_QUERY: &str = "SELECT id, app, host, address, port, image, version \
+     FROM machines WHERE state = 'started'";
+
+/// regiond: how the region's app map is derived and published to globald.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishSection {
+    /// globald API endpoints (`https://host:port`), tried in turn; empty turns publishing off.
+    pub to: Vec<String>,
+    /// TLS to globald: the global tier's CA, and a certificate it signed for this region (tier
+    /// `regional`); globald takes the region from it. Plaintext when unset, which globald
+    /// refuses for publishing.
+    pub tls: Option<TlsSection>,
+    /// The TLS name globald presents, `<global cluster>.global.strata`.
+    pub server_name: String,
+    /// Live members that publish, chosen by lowest node name.
+    pub publishers: usize,
+    /// How long a change waits for others before the map is derived again, ms.
+    pub debounce_ms: u64,
+    /// The whole map is sent this often, which also removes apps that left, ms.
+    pub reconcile_ms: u64,
+    /// Publishes per second one publisher may send at most.
+    pub rate_max_per_s: u32,
+    /// Retry back-off after a failure: from this, doubling up to `backoff_max_ms`, jittered.
+    pub backoff_min_ms: u64,
+    /// See `backoff_min_ms`.
+    pub backoff_max_ms: u64,
+    /// How long one publish may take, ms.
+    pub timeout_ms: u64,
+    /// Apps a region may publish at most; a larger map is a derivation failure.
+    pub apps_max: usize,
+    /// The derivation query: one row per app with columns `app, machines, started, stopped,
+    /// other`.
+    pub derivation: String,
+    /// This region's API endpoints, published for edge lookups (default: this node's API).
+    pub endpoints: Vec<String>,
+}
+
+impl Default for PublishSection {
+    fn default() -> Self {
+        PublishSection {
+            to: Vec::new(),
+            tls: None,
+            server_name: "global.global.strata".into(),
+            publishers: 2,
+            debounce_ms: 200,
+            reconcile_ms: 30_000,
+            rate_max_per_s: 4,
+            backoff_min_ms: 250,
+            backoff_max_ms: 30_000,
+            timeout_ms: 5_000,
+            apps_max: 10_000,
+            derivation: DEFAULT_DERIVATION.into(),
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+/// globald: what regions may publish.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GlobalSection {
+    /// Rows of `app_regions` one region may hold; a publish beyond it is refused.
+    pub rows_per_region_max: usize,
+    /// Publishes per second one region may send, on average; beyond: RESOURCE_EXHAUSTED.
+    pub publish_rate_per_region: u32,
+    /// Publishes one region may send in a burst above that rate.
+    pub publish_burst: u32,
+}
+
+impl Default for GlobalSection {
+    fn default() -> Self {
+        GlobalSection {
+            rows_per_region_max: 10_000,
+            publish_rate_per_region: 20,
+            publish_burst: 40,
+        }
+    }
+}
+
+/// globald: route lookups.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteSection {
+    /// The query giving a region's running Machines; it must return an `app` column, and its
+    /// first column identifies a Machine.
+    pub machines_query: String,
+    /// TLS for dialing the regions' APIs (CA, client certificate, key); plaintext when unset.
+    pub tls: Option<TlsSection>,
+    /// Regions tried after the caller's own when a request names none.
+    pub prefer: Vec<String>,
+    /// How long one region may take to answer before the next is tried, ms.
+    pub region_timeout_ms: u64,
+    /// Regions whose Machines are cached (one subscription each).
+    pub regions_max: usize,
+}
+
+impl Default for RouteSection {
+    fn default() -> Self {
+        RouteSection {
+            machines_query: DEFAULT_MACHINES_QUERY.into(),
+            tls: None,
+            prefer: Vec::new(),
+            region_timeout_ms: 1_000,
+            regions_max: 64,
+        }
+    }
+}
+
 impl NodeConfig {
     /// Loads defaults, then `path` (if given), then `STRATA_*` environment overrides, and checks
     /// required keys.
@@ -275,6 +409,28 @@ impl NodeConfig {
             return Err(ConfigError::Required("node.region"));
         }
         Ok(())
+    }
+
+    /// Refuses a section of the other daemon: `[publish]` is regiond's, `[global]` and
+    /// `[route]` are globald's. A section left at its defaults is fine either way.
+    pub fn check_tier(&self, tier: Tier) -> Result<(), ConfigError> {
+        let other = |section, owner| ConfigError::OtherDaemon {
+            section,
+            owner,
+            tier,
+        };
+        match tier {
+            Tier::Global if self.publish != PublishSection::default() => {
+                Err(other("publish", "regiond"))
+            }
+            Tier::Regional if self.global != GlobalSection::default() => {
+                Err(other("global", "globald"))
+            }
+            Tier::Regional if self.route != RouteSection::default() => {
+                Err(other("route", "globald"))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The database file.
@@ -366,9 +522,48 @@ mod tests {
         defaults.gossip.bootstrap = config.gossip.bootstrap.clone();
         defaults.gossip.tls = config.gossip.tls.clone();
         defaults.store.schema = config.store.schema.clone();
+        defaults.publish.to = config.publish.to.clone();
+        defaults.publish.tls = config.publish.tls.clone();
+        defaults.publish.endpoints = config.publish.endpoints.clone();
         assert_eq!(
             config, defaults,
             "deploy/regiond.toml documents every default as it is"
         );
+        config.check_tier(Tier::Regional).unwrap();
+    }
+
+    #[test]
+    fn the_globald_config_in_deploy_is_valid_and_matches_the_defaults() {
+        let example = include_str!("../../deploy/globald.toml");
+        let config = NodeConfig::from_toml(example).unwrap();
+        let mut defaults = NodeConfig {
+            node: config.node.clone(),
+            ..NodeConfig::default()
+        };
+        defaults.gossip.bootstrap = config.gossip.bootstrap.clone();
+        defaults.gossip.tls = config.gossip.tls.clone();
+        defaults.api.tls = config.api.tls.clone();
+        defaults.route.tls = config.route.tls.clone();
+        defaults.route.prefer = config.route.prefer.clone();
+        assert_eq!(
+            config, defaults,
+            "deploy/globald.toml documents every default as it is"
+        );
+        config.check_tier(Tier::Global).unwrap();
+    }
+
+    #[test]
+    fn a_section_of_the_other_daemon_is_refused_by_name() {
+        let config =
+            NodeConfig::from_toml(&format!("{MINIMAL}[publish]\nto = [\"https://g:7200\"]\n"))
+                .unwrap();
+        let err = config.check_tier(Tier::Global).unwrap_err();
+        assert!(err.to_string().contains("[publish]"), "{err}");
+        config.check_tier(Tier::Regional).unwrap();
+        let config =
+            NodeConfig::from_toml(&format!("{MINIMAL}[global]\nrows_per_region_max = 5\n"))
+                .unwrap();
+        let err = config.check_tier(Tier::Regional).unwrap_err();
+        assert!(err.to_string().contains("[global]"), "{err}");
     }
 }

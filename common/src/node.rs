@@ -33,12 +33,28 @@ use crate::transport::{
 const SHUTDOWN_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// What a daemon adds to the shared node machinery.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeSpec {
     /// The tier this daemon serves.
     pub tier: Tier,
     /// The schema used when the configuration names no schema files.
     pub default_schema: &'static str,
+    /// Who may call `Transact`.
+    pub writers: api::Writers,
+    /// The daemon's own services and background work.
+    pub extra: Extra,
+}
+
+impl NodeSpec {
+    /// A node of `tier` with `default_schema` and nothing of its own (tests, tools).
+    pub fn plain(tier: Tier, default_schema: &'static str) -> NodeSpec {
+        NodeSpec {
+            tier,
+            default_schema,
+            writers: api::Writers::Anyone,
+            extra: |_, routes| Ok(routes),
+        }
+    }
 }
 
 /// Why a node could not start.
@@ -83,7 +99,22 @@ pub enum NodeError {
     /// The API's TLS files could not be read.
     #[error("{0}")]
     Api(#[from] api::ApiError),
+    /// The configuration does not fit this daemon.
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// A daemon's own service could not start.
+    #[error("{what}: {reason}")]
+    Service {
+        /// The service (or its configuration key).
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
 }
+
+/// What a daemon adds to a node: its own gRPC services and background work.
+pub type Extra =
+    fn(&Services<'_>, tonic::service::Routes) -> Result<tonic::service::Routes, NodeError>;
 
 /// What a daemon's own services can use when the node starts.
 pub struct Services<'a> {
@@ -101,6 +132,8 @@ pub struct Services<'a> {
     pub tracker: &'a TaskTracker,
     /// Cancelled when the node stops.
     pub cancel: &'a CancellationToken,
+    /// The address the gRPC API listens on.
+    pub api_addr: SocketAddr,
 }
 
 /// A running node.
@@ -122,27 +155,18 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts a node; `extra` adds a daemon's own services to the API and may start its
+    /// Starts a node; `spec.extra` adds a daemon's own services to the API and may start its
     /// background work.
-    pub async fn start(
-        config: NodeConfig,
-        spec: NodeSpec,
-        extra: impl FnOnce(&Services<'_>, tonic::service::Routes) -> tonic::service::Routes,
-    ) -> Result<Node, NodeError> {
+    pub async fn start(config: NodeConfig, spec: NodeSpec) -> Result<Node, NodeError> {
         use tracing::Instrument;
         // Every task of the node runs inside this span: its log lines carry node, tier, region.
         let span =
             crate::telemetry::node_span(&config.node.name, spec.tier.as_str(), &config.node.region);
-        Self::start_in_span(config, spec, extra)
-            .instrument(span)
-            .await
+        Self::start_in_span(config, spec).instrument(span).await
     }
 
-    async fn start_in_span(
-        config: NodeConfig,
-        spec: NodeSpec,
-        extra: impl FnOnce(&Services<'_>, tonic::service::Routes) -> tonic::service::Routes,
-    ) -> Result<Node, NodeError> {
+    async fn start_in_span(config: NodeConfig, spec: NodeSpec) -> Result<Node, NodeError> {
+        config.check_tier(spec.tier)?;
         let schema = load_schema(&config, &spec)?;
         let tls = TlsConfig::load(
             &config.gossip.tls.ca,
@@ -228,6 +252,7 @@ impl Node {
             metrics: Arc::clone(&metrics),
             config: config.api.clone(),
             me: identity.clone(),
+            writers: spec.writers,
         };
         let services = Services {
             store: &store,
@@ -237,8 +262,18 @@ impl Node {
             config: &config,
             tracker: &tracker,
             cancel: &cancel,
+            api_addr,
         };
-        let routes = extra(&services, tonic::service::Routes::default());
+        let routes = match (spec.extra)(&services, tonic::service::Routes::default()) {
+            Ok(routes) => routes,
+            Err(err) => {
+                cancel.cancel();
+                tracker.close();
+                tracker.wait().await;
+                transport.shutdown().await;
+                return Err(err);
+            }
+        };
         let api_config = config.api.clone();
         let api_cancel = cancel.clone();
         crate::telemetry::spawn(&tracker, async move {

@@ -68,8 +68,7 @@ pub struct TestCluster {
     /// The nodes, in start order.
     pub nodes: Vec<TestNode>,
     region: String,
-    tier: Tier,
-    schema: &'static str,
+    spec: NodeSpec,
 }
 
 /// A node configuration for tests: loopback, kernel-chosen ports, a data directory under `dir`.
@@ -95,15 +94,15 @@ pub fn test_config(
 impl TestCluster {
     /// Starts `n` region nodes that join through the first.
     pub async fn start(n: usize, region: &str) -> TestCluster {
-        Self::start_with(n, region, Tier::Regional, REGION_SCHEMA, |_| {}).await
+        Self::start_with(n, region, strata_regional::spec(), |_| {}).await
     }
 
-    /// Starts `n` nodes of a tier with a schema; `tune` adjusts each configuration.
+    /// Starts `n` nodes of a daemon (`strata_regional::spec()`, `strata_global::spec()`);
+    /// `tune` adjusts each configuration.
     pub async fn start_with(
         n: usize,
         region: &str,
-        tier: Tier,
-        schema: &'static str,
+        spec: NodeSpec,
         tune: impl Fn(&mut NodeConfig),
     ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
@@ -113,8 +112,7 @@ impl TestCluster {
             certs,
             nodes: Vec::new(),
             region: region.to_owned(),
-            tier,
-            schema,
+            spec,
         };
         for _ in 0..n {
             cluster.add_node(&tune).await;
@@ -126,7 +124,7 @@ impl TestCluster {
     pub async fn add_node(&mut self, tune: impl Fn(&mut NodeConfig)) -> usize {
         let index = self.nodes.len();
         let name = format!("{}-{index}", self.region);
-        let tls = self.certs.node(&name, self.tier, &self.region);
+        let tls = self.certs.node(&name, self.spec.tier, &self.region);
         let bootstrap = self
             .nodes
             .first()
@@ -141,12 +139,8 @@ impl TestCluster {
 
     /// Starts (again) a stopped node, on the same addresses and data directory.
     pub async fn restart(&mut self, index: usize) {
-        let spec = NodeSpec {
-            tier: self.tier,
-            default_schema: self.schema,
-        };
         let config = self.nodes[index].config.clone();
-        let node = Node::start(config, spec, |_, routes| routes).await.unwrap();
+        let node = Node::start(config, self.spec.clone()).await.unwrap();
         let entry = &mut self.nodes[index];
         entry.config.gossip.listen = node.gossip_addr();
         entry.config.api.listen = node.api_addr();

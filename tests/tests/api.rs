@@ -28,16 +28,10 @@ fn insert(id: &str) -> Statement {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_precise_statuses_and_change_nothing() {
-    let cluster = TestCluster::start_with(
-        1,
-        "ams",
-        strata_common::transport::Tier::Regional,
-        strata_tests::cluster::REGION_SCHEMA,
-        |c| {
-            c.api.request_bytes_max = 64 * 1024;
-            c.store.statements_max = 100;
-        },
-    )
+    let cluster = TestCluster::start_with(1, "ams", strata_regional::spec(), |c| {
+        c.api.request_bytes_max = 64 * 1024;
+        c.store.statements_max = 100;
+    })
     .await;
     let client = cluster.client(0).await;
     let cases: Vec<(Vec<Statement>, Code)> = vec![
@@ -248,15 +242,9 @@ async fn a_subscription_sends_rows_then_changes_and_resumes_from_a_change_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscriber_is_cut_off_and_the_node_keeps_going() {
-    let cluster = TestCluster::start_with(
-        1,
-        "ams",
-        strata_common::transport::Tier::Regional,
-        strata_tests::cluster::REGION_SCHEMA,
-        |c| {
-            c.api.subscriber_buffer = 8;
-        },
-    )
+    let cluster = TestCluster::start_with(1, "ams", strata_regional::spec(), |c| {
+        c.api.subscriber_buffer = 8;
+    })
     .await;
     let client = cluster.client(0).await;
     let mut stream = client

@@ -202,16 +202,11 @@ async fn a_node_with_a_certificate_of_another_ca_or_region_cannot_join() {
             .node("fra-1", strata_common::transport::Tier::Regional, "fra"),
         bootstrap,
     );
-    let spec = strata_common::node::NodeSpec {
-        tier: strata_common::transport::Tier::Regional,
-        default_schema: strata_tests::cluster::REGION_SCHEMA,
-    };
-    let rogue = strata_common::node::Node::start(rogue, spec.clone(), |_, r| r)
+    let spec = strata_regional::spec();
+    let rogue = strata_common::node::Node::start(rogue, spec.clone())
         .await
         .unwrap();
-    let other = strata_common::node::Node::start(other, spec, |_, r| r)
-        .await
-        .unwrap();
+    let other = strata_common::node::Node::start(other, spec).await.unwrap();
     // Positive evidence first: the cluster refused their handshakes.
     wait_for(
         Duration::from_secs(20),

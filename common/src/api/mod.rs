@@ -23,6 +23,39 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 pub use service::{QueryStream, StrataService};
 
 use crate::config::{ApiSection, TlsSection};
+use crate::transport::{PeerIdentity, Tier, identity_from_der};
+
+/// Who may call `Transact` on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writers {
+    /// Any caller the API accepts (a region's API: its hosts write their Machines).
+    Anyone,
+    /// Any caller but a region's (globald: regions write the global map only through
+    /// `Publish`, which checks the rows against their certificate).
+    NotRegions,
+}
+
+impl Writers {
+    /// Whether `caller` may call `Transact`; the status says why not.
+    pub fn check(self, caller: Option<&PeerIdentity>) -> Result<(), tonic::Status> {
+        match (self, caller) {
+            (Writers::NotRegions, Some(who)) if who.tier == Tier::Regional => {
+                Err(tonic::Status::permission_denied(format!(
+                    "{who} is a region's certificate: regions write the global map only \
+                     through Publish"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The identity in the client certificate of a request served over mTLS; `None` over
+/// plaintext or when the certificate names no Strata identity.
+pub fn caller<T>(request: &tonic::Request<T>) -> Option<PeerIdentity> {
+    let certs = request.peer_certs()?;
+    identity_from_der(certs.first()?).ok()
+}
 
 /// Messages larger than this are refused before decoding, whatever the configured limit.
 pub const HARD_MESSAGE_BYTES_MAX: usize = 64 << 20;

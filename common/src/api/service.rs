@@ -27,6 +27,7 @@ pub struct StrataService {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: ApiSection,
     pub(crate) me: PeerIdentity,
+    pub(crate) writers: super::Writers,
 }
 
 impl StrataService {
@@ -222,7 +223,11 @@ impl Strata for StrataService {
         request: Request<pb::TransactRequest>,
     ) -> Result<Response<pb::TransactResponse>, Status> {
         let started = Instant::now();
-        let result = self.transact_inner(request.into_inner()).await;
+        let caller = super::caller(&request);
+        let result = match self.writers.check(caller.as_ref()) {
+            Ok(()) => self.transact_inner(request.into_inner()).await,
+            Err(status) => Err(status),
+        };
         self.observe("transact", started, &result);
         result.map(Response::new)
     }

@@ -6,7 +6,11 @@
 
 use std::time::Duration;
 
+pub mod follow;
+pub mod router;
+
 use strata_proto::v1 as pb;
+use strata_proto::v1::global_client::GlobalClient;
 use strata_proto::v1::strata_client::StrataClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -84,10 +88,11 @@ pub struct Written {
     pub rows_affected: Vec<u64>,
 }
 
-/// A client of one node.
+/// A client of one node: the `Strata` service every node serves, and `Global` (globald only).
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: StrataClient<Channel>,
+    global: GlobalClient<Channel>,
 }
 
 impl Client {
@@ -132,7 +137,9 @@ impl Client {
     /// A client over an existing channel.
     pub fn from_channel(channel: Channel) -> Client {
         Client {
-            inner: StrataClient::new(channel)
+            inner: StrataClient::new(channel.clone())
+                .max_decoding_message_size(crate::api::HARD_MESSAGE_BYTES_MAX),
+            global: GlobalClient::new(channel)
                 .max_decoding_message_size(crate::api::HARD_MESSAGE_BYTES_MAX),
         }
     }
@@ -183,6 +190,47 @@ impl Client {
             );
         }
         Ok(rows)
+    }
+
+    /// A query's rows, then every change to them (see `SubscribeRequest`).
+    pub async fn subscribe(
+        &self,
+        statement: Statement,
+        key_columns: Vec<String>,
+        from_change_id: Option<u64>,
+    ) -> Result<tonic::Streaming<pb::SubscribeEvent>, ClientError> {
+        let request = pb::SubscribeRequest {
+            statement: Some(pb::Statement {
+                sql: statement.sql,
+                params: statement.params.into_iter().map(value_to_pb).collect(),
+            }),
+            key_columns,
+            from_change_id,
+        };
+        Ok(self.inner.clone().subscribe(request).await?.into_inner())
+    }
+
+    /// globald: publishes a region's rows of the app map (the region is the certificate's).
+    pub async fn publish(
+        &self,
+        request: pb::PublishRequest,
+    ) -> Result<pb::PublishResponse, ClientError> {
+        Ok(self.global.clone().publish(request).await?.into_inner())
+    }
+
+    /// globald: where `app` runs, trying `from_region` first, then `prefer`.
+    pub async fn route(
+        &self,
+        app: &str,
+        from_region: &str,
+        prefer: Vec<String>,
+    ) -> Result<pb::RouteResponse, ClientError> {
+        let request = pb::RouteRequest {
+            app: app.to_owned(),
+            from_region: from_region.to_owned(),
+            prefer,
+        };
+        Ok(self.global.clone().route(request).await?.into_inner())
     }
 
     /// The members the node sees (itself first).

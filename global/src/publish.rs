@@ -60,12 +60,14 @@ const REMOVE_SQL: &str =
 const KEEP_ONLY_SQL: &str =
     "DELETE FROM app_regions WHERE region = ?1 AND app NOT IN (SELECT value FROM json_each(?2))";
 
-/// The region's own row: endpoints, schema version, last publish.
+/// The region's own row: endpoints, schema version, last publish. An empty endpoint list
+/// (`[]`) leaves the endpoints held as they are.
 const REGION_SQL: &str = "INSERT INTO regions (region, endpoints, schema_version, last_publish) \
      VALUES (?1, ?2, ?3, ?4) \
-     ON CONFLICT (region) DO UPDATE SET endpoints = excluded.endpoints, \
+     ON CONFLICT (region) DO UPDATE SET \
+       endpoints = CASE WHEN excluded.endpoints = '[]' THEN endpoints ELSE excluded.endpoints END, \
        schema_version = excluded.schema_version, last_publish = excluded.last_publish \
-     WHERE endpoints IS NOT excluded.endpoints \
+     WHERE (excluded.endpoints <> '[]' AND endpoints IS NOT excluded.endpoints) \
         OR schema_version IS NOT excluded.schema_version \
         OR excluded.last_publish >= last_publish + ?5";
 

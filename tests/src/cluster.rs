@@ -253,3 +253,11 @@ where
         step = (step * 2).min(Duration::from_millis(100));
     }
 }
+
+/// The sum of a metric's samples (all label sets) in an OpenMetrics text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -7,3 +7,4 @@ pub mod cluster;
 pub mod crash;
 pub mod procs;
 pub mod sim;
+pub mod tiers;

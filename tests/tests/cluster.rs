@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use rand::{RngExt, SeedableRng};
 use strata_common::store::{Statement, Value};
+use strata_tests::cluster::metric;
 use strata_tests::cluster::{TestCluster, wait_for};
 
 fn upsert(id: &str, app: &str, state: &str, port: i64) -> Statement {
@@ -244,13 +245,6 @@ async fn a_node_with_a_certificate_of_another_ca_or_region_cannot_join() {
 }
 
 /// The value of a sample in an OpenMetrics exposition (0 when absent).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_in_place_rejoins_and_catches_up() {
     let mut cluster = TestCluster::start(3, "ams").await;

@@ -666,6 +666,8 @@ fn table_from_ast(create: &CreateTable) -> Result<TableDef, StoreError> {
     let mut has_pk = false;
     let mut key_columns: Vec<String> = Vec::new();
     let mut key_types: HashMap<String, String> = HashMap::new();
+    // NOT NULL columns without a usable default; refused unless part of the primary key.
+    let mut needs_default: Vec<String> = Vec::new();
     for column in &create.columns {
         let col = column.name.value.clone();
         check_reserved(&name, &col, Some(&col))?;
@@ -732,10 +734,10 @@ fn table_from_ast(create: &CreateTable) -> Result<TableDef, StoreError> {
         if let Some(collation) = &collation {
             key_collation_check(&name, &col, collation, is_key)?;
         }
-        if not_null && !is_key && !generated && (!has_default || null_default) {
-            return Err(refuse(&name, Some(&col), Refusal::NotNullWithoutDefault));
+        if not_null && !generated && (!has_default || null_default) {
+            // Unless a table-level PRIMARY KEY names it: checked below.
+            needs_default.push(col.clone());
         }
-        let _ = has_default;
         columns.push(ColumnDef {
             name: col,
             definition: column.to_string(),
@@ -778,6 +780,13 @@ fn table_from_ast(create: &CreateTable) -> Result<TableDef, StoreError> {
     }
     if !has_pk {
         return Err(refuse(&name, None, Refusal::NoPrimaryKey));
+    }
+    // A key column is always given by its writer, so it needs no default.
+    if let Some(col) = needs_default
+        .iter()
+        .find(|c| !key_columns.iter().any(|k| k.eq_ignore_ascii_case(c)))
+    {
+        return Err(refuse(&name, Some(col), Refusal::NotNullWithoutDefault));
     }
     let without_rowid = create
         .sqlite_table_options
@@ -1000,6 +1009,27 @@ mod tests {
             Schema::parse("CREATE TABLE t (a TEXT, b INTEGER, c TEXT, PRIMARY KEY (c, a))")
                 .unwrap();
         assert_eq!(schema.table("t").unwrap().primary_key(), ["c", "a"]);
+    }
+
+    #[test]
+    fn key_columns_need_no_default_even_when_the_key_is_declared_apart() {
+        Schema::parse(
+            "CREATE TABLE t (a TEXT NOT NULL, b TEXT NOT NULL, c INT, PRIMARY KEY (a, b))",
+        )
+        .unwrap();
+        let refusal = refused("CREATE TABLE t (a TEXT NOT NULL, b TEXT NOT NULL, PRIMARY KEY (a))");
+        assert_eq!(refusal.column.as_deref(), Some("b"));
+        assert_eq!(refusal.reason, Refusal::NotNullWithoutDefault);
+    }
+
+    #[test]
+    fn the_daemons_default_schemas_are_valid() {
+        for schema in [
+            include_str!("../../../regional/schema.sql"),
+            include_str!("../../../global/schema.sql"),
+        ] {
+            Schema::parse(schema).unwrap();
+        }
     }
 
     #[test]

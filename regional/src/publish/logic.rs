@@ -146,6 +146,8 @@ pub struct Publisher {
     rng: StdRng,
     /// Whether this node is one of the publishers now.
     publisher: bool,
+    /// Whether it is the first of them (the lowest name).
+    first: bool,
     /// The map globald acknowledged last; `None` until the first publish in this role.
     published: Option<AppMap>,
     busy: Busy,
@@ -177,6 +179,7 @@ impl Publisher {
             settings,
             rng: StdRng::seed_from_u64(seed),
             publisher: false,
+            first: false,
             published: None,
             busy: Busy::Idle,
             dirty: false,
@@ -192,6 +195,12 @@ impl Publisher {
     /// Whether this node publishes now.
     pub fn is_publisher(&self) -> bool {
         self.publisher
+    }
+
+    /// Whether this node is the first publisher (the lowest live name), which speaks for the
+    /// region's own row when nothing is configured for it.
+    pub fn is_first(&self) -> bool {
+        self.first
     }
 
     /// The map globald last acknowledged from this node.
@@ -227,6 +236,7 @@ impl Publisher {
             .iter()
             .take(self.settings.publishers)
             .any(|n| *n == self.me);
+        self.first = names.first() == Some(&self.me);
         if chosen == self.publisher {
             return;
         }
@@ -497,6 +507,9 @@ mod tests {
         let out = c.handle(Input::Members(names(&["c", "b"])), t0);
         assert!(out.contains(&Action::Role(true)), "{out:?}");
         assert!(c.is_publisher());
+        assert!(!c.is_first(), "b is first");
+        c.handle(Input::Members(names(&["c"])), t0);
+        assert!(c.is_first());
         let out = c.handle(Input::Members(names(&["c", "b", "a"])), t0);
         assert_eq!(out, vec![Action::Role(false)]);
         // Its stale answers are ignored.

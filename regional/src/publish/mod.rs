@@ -188,7 +188,8 @@ pub fn start(services: &Services<'_>) -> Result<Option<Arc<PublishStats>>, NodeE
             timeout: Duration::from_millis(config.timeout_ms.max(1)),
         },
         config: config.clone(),
-        endpoints,
+        own_endpoints: endpoints,
+        endpoints_configured: !config.endpoints.is_empty(),
         stats: Arc::clone(&stats),
         timers: [None, None],
         tracker: services.tracker.clone(),
@@ -234,7 +235,10 @@ struct Driver {
     me: String,
     sender: Sender,
     config: PublishSection,
-    endpoints: Vec<String>,
+    /// The region's endpoints as configured, or this node's API when none are.
+    own_endpoints: Vec<String>,
+    /// Whether `own_endpoints` came from the configuration (then every publisher sends them).
+    endpoints_configured: bool,
     stats: Arc<PublishStats>,
     /// The live derive and reconcile timers (a new one replaces the old of its kind).
     timers: [Option<(Instant, Timer)>; 2],
@@ -399,7 +403,14 @@ impl Driver {
                 .collect(),
             removed: publication.removed.clone(),
             full: publication.full,
-            endpoints: self.endpoints.clone(),
+            // Without configured endpoints only the first publisher names its own API, so two
+            // publishers never flip the region's row between their addresses; an empty list
+            // leaves the row's endpoints as they are.
+            endpoints: if self.endpoints_configured || self.publisher.is_first() {
+                self.own_endpoints.clone()
+            } else {
+                Vec::new()
+            },
             schema_version: format!("{:016x}", self.store.schema().fingerprint()),
             derived_at_ms: WallClock::System.now_ms(),
         }

@@ -9,11 +9,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use strata_common::client::router::{Router, RouterConfig};
 use strata_common::store::{Statement, Value};
 use strata_common::transport::Tier;
 use strata_proto::v1 as pb;
 use strata_tests::cluster::{metric, wait_for};
 use strata_tests::tiers::{GLOBAL, Tiers, TiersOptions, machine};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Code;
 
 /// One multi-cluster test at a time.
@@ -348,5 +351,421 @@ async fn a_regiond_never_joins_globald_nor_the_reverse() {
             .is_empty(),
         "a node with the global CA's certificate joined someone"
     );
+    tiers.shutdown().await;
+}
+
+/// Region ams's derivation reads a JSON label from `image`: a Machine whose image is not JSON
+/// makes the query fail (a poison row).
+const POISONABLE_DERIVATION: &str = "SELECT app, count(*) AS machines, \
+     count(*) FILTER (WHERE state = 'started') AS started, \
+     count(*) FILTER (WHERE state = 'stopped') AS stopped, \
+     count(*) FILTER (WHERE state NOT IN ('started', 'stopped')) AS other \
+     FROM machines WHERE json_extract(coalesce(image, '{}'), '$.hidden') IS NOT 1 \
+     GROUP BY app";
+
+/// An edge router in `local`, following the global tier of `tiers`.
+fn edge_router(tiers: &Tiers, local: &str, cancel: &CancellationToken) -> Router {
+    Router::edge(
+        RouterConfig {
+            local_region: local.to_owned(),
+            prefer: Vec::new(),
+            machines_query: strata_common::config::DEFAULT_MACHINES_QUERY.to_owned(),
+            region_tls: None,
+            region_timeout: Duration::from_millis(500),
+            regions_max: 8,
+        },
+        tiers.global_endpoints(),
+        Some(tiers.global_tls("edge", Tier::Global, GLOBAL)),
+        TaskTracker::new(),
+        cancel.clone(),
+    )
+}
+
+/// Writes `per_app` started Machines of each app in `region` through node 0.
+async fn seed(tiers: &Tiers, region: &str, apps: &[String], per_app: usize) {
+    let client = tiers.region(region).client(0).await;
+    let mut statements = Vec::new();
+    for app in apps {
+        for i in 0..per_app {
+            statements.push(machine(
+                &format!("{region}-{app}-{i}"),
+                app,
+                region,
+                "started",
+            ));
+        }
+    }
+    client.transact(statements).await.unwrap();
+}
+
+/// Region iad as it must stay whatever happens in ams: its rows, its global rows on every
+/// globald, and routes to its apps from an edge in iad.
+struct Witness {
+    apps: Vec<String>,
+    per_app: i64,
+}
+
+impl Witness {
+    async fn check(&self, tiers: &Tiers, router: &Router) -> Result<(), String> {
+        let rows = tiers
+            .region("iad")
+            .store(0)
+            .query(
+                "SELECT app, count(*) FROM machines WHERE state = 'started' GROUP BY app",
+                &[],
+            )
+            .map_err(|e| e.to_string())?;
+        if rows.rows.len() != self.apps.len()
+            || rows
+                .rows
+                .iter()
+                .any(|r| r.get(1) != Some(&Value::Integer(self.per_app)))
+        {
+            return Err(format!("iad's rows changed: {:?}", rows.rows));
+        }
+        let expected: BTreeMap<String, (i64, i64)> = self
+            .apps
+            .iter()
+            .map(|a| (a.clone(), (self.per_app, self.per_app)))
+            .collect();
+        for index in tiers.global.running() {
+            let held = tiers.global_rows(index, "iad");
+            if held != expected {
+                return Err(format!("globald {index} holds {held:?} for iad"));
+            }
+        }
+        for app in &self.apps {
+            match router.route(app).await {
+                Ok(route)
+                    if route.region == "iad" && route.machines.len() == self.per_app as usize => {}
+                Ok(route) => {
+                    return Err(format!(
+                        "route {app}: {} in {}",
+                        route.machines.len(),
+                        route.region
+                    ));
+                }
+                Err(err) => return Err(format!("route {app}: {err}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The publishes ams's nodes have sent (acknowledged or not).
+fn ams_publishes(tiers: &Tiers) -> f64 {
+    tiers
+        .region("ams")
+        .running()
+        .iter()
+        .map(|i| {
+            let text = tiers.region("ams").node(*i).metrics.encode();
+            metric(&text, "strata_publish_publishes_total")
+                + metric(&text, "strata_publish_failures_total")
+        })
+        .sum()
+}
+
+fn ams_derive_failures(tiers: &Tiers) -> f64 {
+    tiers
+        .region("ams")
+        .running()
+        .iter()
+        .map(|i| {
+            metric(
+                &tiers.region("ams").node(*i).metrics.encode(),
+                "strata_publish_derive_failures_total",
+            )
+        })
+        .sum()
+}
+
+/// What ams's rows say its global rows should be.
+fn ams_summary(tiers: &Tiers, index: usize) -> BTreeMap<String, (i64, i64)> {
+    let rows = tiers
+        .region("ams")
+        .store(index)
+        .query(
+            "SELECT app, count(*), count(*) FILTER (WHERE state = 'started') FROM machines \
+             GROUP BY app",
+            &[],
+        )
+        .unwrap();
+    rows.rows
+        .into_iter()
+        .map(|row| match &row[..] {
+            [Value::Text(app), Value::Integer(m), Value::Integer(s)] => (app.clone(), (*m, *s)),
+            other => panic!("unexpected row {other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_storm_a_poison_row_and_a_dead_region_stay_in_their_region() {
+    let _serial = SERIAL.lock().await;
+    let mut tiers = Tiers::start(TiersOptions {
+        globals: 2,
+        regions: vec![("ams", 3), ("iad", 2)],
+        tune_region: |region, c| {
+            if region == "ams" {
+                c.publish.derivation = POISONABLE_DERIVATION.to_owned();
+            }
+        },
+        ..TiersOptions::default()
+    })
+    .await;
+    let ams_apps: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
+    // "shared" runs in both regions.
+    let iad_apps: Vec<String> = (0..5)
+        .map(|i| format!("b{i}"))
+        .chain(["shared".to_owned()])
+        .collect();
+    seed(&tiers, "ams", &ams_apps, 20).await;
+    seed(&tiers, "ams", &["shared".to_owned()], 2).await;
+    seed(&tiers, "iad", &iad_apps, 3).await;
+    let witness = Witness {
+        apps: iad_apps.clone(),
+        per_app: 3,
+    };
+    let cancel = CancellationToken::new();
+    let router = edge_router(&tiers, "iad", &cancel);
+    wait_for(
+        Duration::from_secs(20),
+        "iad to be seen from the edge",
+        || witness.check(&tiers, &router),
+    )
+    .await;
+
+    // (a) A write storm in ams: Machines flipping state as fast as ams takes them, for 10 s.
+    let storm_for = Duration::from_secs(10);
+    let publishes_before = ams_publishes(&tiers);
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for node in 0..2 {
+        let client = tiers.region("ams").client(node).await;
+        let apps = ams_apps.clone();
+        writers.push(tokio::spawn(async move {
+            let mut written = 0usize;
+            let mut round = 0usize;
+            while started.elapsed() < storm_for {
+                round += 1;
+                let statements: Vec<Statement> = (0..100)
+                    .map(|i| {
+                        let app = &apps[(round + i) % apps.len()];
+                        let id = format!("ams-{app}-{}", (round * 7 + i) % 20);
+                        let state = if (round + i + node).is_multiple_of(3) {
+                            "stopped"
+                        } else {
+                            "started"
+                        };
+                        machine(&id, app, "ams", state)
+                    })
+                    .collect();
+                client.transact(statements).await.unwrap();
+                written += 100;
+            }
+            written
+        }));
+    }
+    let mut checks = 0;
+    while started.elapsed() < storm_for {
+        witness
+            .check(&tiers, &router)
+            .await
+            .unwrap_or_else(|e| panic!("during the storm: {e}"));
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut written = 0;
+    for writer in writers {
+        written += writer.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let publishes = ams_publishes(&tiers) - publishes_before;
+    // Two publishers, each capped at rate_max_per_s (4 by default), plus one in flight each.
+    let cap = 2.0 * 4.0 * elapsed + 2.0;
+    eprintln!(
+        "storm: {written} updates in {elapsed:.1} s ({:.0}/s); ams published {publishes} times \
+         ({:.1}/s, cap {cap:.0} in all); iad checked {checks} times",
+        written as f64 / elapsed,
+        publishes / elapsed
+    );
+    assert!(
+        written as f64 / elapsed >= 1000.0,
+        "the storm was too weak to mean anything"
+    );
+    assert!(
+        publishes <= cap,
+        "ams published {publishes} times, over its cap of {cap:.0}"
+    );
+    let limited: f64 = tiers
+        .global
+        .running()
+        .iter()
+        .map(|i| {
+            metric(
+                &tiers.global.node(*i).metrics.encode(),
+                "strata_global_publishes_rate_limited_total",
+            )
+        })
+        .sum();
+    assert_eq!(limited, 0.0, "ams's publishers hit globald's rate cap");
+    tiers
+        .region("ams")
+        .wait_converged(Duration::from_secs(30))
+        .await;
+    let after_storm = ams_summary(&tiers, 0);
+    tiers
+        .wait_global("ams", &after_storm, Duration::from_secs(10))
+        .await;
+
+    // (b) A poison row makes ams's derivation fail: ams's global rows stay as they were, iad
+    // is untouched; once the row is gone, publishing resumes.
+    let ams = tiers.region("ams").client(0).await;
+    let failures_before = ams_derive_failures(&tiers);
+    let poison = Statement::with_params(
+        "INSERT INTO machines (id, app, state, image) VALUES ('poison', 'a0', 'started', ?1)",
+        vec![Value::Text("not json {".into())],
+    );
+    ams.transact(vec![poison]).await.unwrap();
+    ams.transact(vec![Statement::new(
+        "UPDATE machines SET state = 'stopped' WHERE app = 'a1'",
+    )])
+    .await
+    .unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "ams's derivation to fail",
+        || async {
+            let failures = ams_derive_failures(&tiers) - failures_before;
+            if failures >= 2.0 {
+                Ok(())
+            } else {
+                Err(format!("{failures} failed derivations"))
+            }
+        },
+    )
+    .await;
+    witness
+        .check(&tiers, &router)
+        .await
+        .unwrap_or_else(|e| panic!("with a poison row in ams: {e}"));
+    for index in tiers.global.running() {
+        assert_eq!(
+            tiers.global_rows(index, "ams"),
+            after_storm,
+            "ams's global rows changed while its derivation failed"
+        );
+    }
+    ams.transact(vec![Statement::new(
+        "DELETE FROM machines WHERE id = 'poison'",
+    )])
+    .await
+    .unwrap();
+    tiers
+        .region("ams")
+        .wait_converged(Duration::from_secs(10))
+        .await;
+    let healed = ams_summary(&tiers, 0);
+    assert_eq!(healed["a1"].1, 0, "a1 was stopped");
+    tiers
+        .wait_global("ams", &healed, Duration::from_secs(30))
+        .await;
+
+    // (c) Every regiond of ams dies. iad stays right; an edge in ams falls through to iad.
+    for index in 0..3 {
+        tiers.region_mut("ams").stop(index).await;
+    }
+    let ams_edge = edge_router(&tiers, "ams", &cancel);
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        witness
+            .check(&tiers, &router)
+            .await
+            .unwrap_or_else(|e| panic!("with ams dead: {e}"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let route = ams_edge.route("shared").await.unwrap();
+    assert_eq!(route.region, "iad", "{route:?}");
+    assert_eq!(route.candidates, vec!["ams", "iad"]);
+    assert_eq!(route.skipped.len(), 1);
+    assert_eq!(route.skipped[0].0, "ams");
+    assert!(route.skipped[0].1.contains("unreachable"), "{route:?}");
+    cancel.cancel();
+    tiers.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_lookups_prefer_the_local_region_and_fall_through_when_its_nodes_are_gone() {
+    let _serial = SERIAL.lock().await;
+    let mut tiers = Tiers::start(TiersOptions {
+        globals: 2,
+        regions: vec![("ams", 2), ("iad", 2), ("syd", 1)],
+        ..TiersOptions::default()
+    })
+    .await;
+    for (region, n) in [("ams", 2), ("iad", 3), ("syd", 1)] {
+        seed(&tiers, region, &["web".to_owned()], n).await;
+    }
+    let cancel = CancellationToken::new();
+    let edge = edge_router(&tiers, "ams", &cancel);
+    // Cached once the caches are filled.
+    wait_for(
+        Duration::from_secs(20),
+        "a cached answer from ams",
+        || async {
+            match edge.route("web").await {
+                Ok(route) if route.cached && route.region == "ams" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let route = edge.route("web").await.unwrap();
+    assert_eq!(route.machines.len(), 2);
+    assert_eq!(route.candidates, vec!["ams", "iad", "syd"]);
+    assert!(route.columns.contains(&"address".to_owned()));
+    // Another caller's region, a preference.
+    let route = edge.route_from("web", "syd", &[]).await.unwrap();
+    assert_eq!((route.region.as_str(), route.machines.len()), ("syd", 1));
+    let route = edge
+        .route_from("web", "lhr", &["iad".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(route.region, "iad");
+    // Direct answers agree with cached ones.
+    let direct = edge.route_direct("web", "ams", &[]).await.unwrap();
+    assert_eq!(
+        (direct.region.as_str(), direct.machines.len(), direct.cached),
+        ("ams", 2, false)
+    );
+    // An app nobody runs.
+    assert!(matches!(
+        edge.route("nope").await,
+        Err(strata_common::client::router::RouteError::NotFound(_))
+    ));
+    // globald's Route agrees, for proxies in other languages.
+    let global = tiers.global_client(0).await;
+    let answer = global.route("web", "iad", vec![]).await.unwrap();
+    assert_eq!((answer.region.as_str(), answer.machines.len()), ("iad", 3));
+
+    // ams's nodes go away: the edge in ams falls through to the next region by name.
+    for index in 0..2 {
+        tiers.region_mut("ams").stop(index).await;
+    }
+    let route = edge.route("web").await.unwrap();
+    assert_eq!(route.region, "iad", "{route:?}");
+    assert_eq!(route.skipped[0].0, "ams");
+    let answer = global.route("web", "ams", vec![]).await.unwrap();
+    assert_eq!(answer.region, "iad");
+    assert_eq!(answer.skipped[0].region, "ams");
+    // With every region running it gone, the lookup says so.
+    for index in 0..2 {
+        tiers.region_mut("iad").stop(index).await;
+    }
+    tiers.region_mut("syd").stop(0).await;
+    let err = global.route("web", "ams", vec![]).await.unwrap_err();
+    assert_status(&err, Code::Unavailable, "ams");
+    cancel.cancel();
     tiers.shutdown().await;
 }

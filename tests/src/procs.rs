@@ -63,6 +63,8 @@ pub struct ProcOptions {
     pub region: String,
     /// Extra TOML appended to every node's configuration.
     pub extra_toml: String,
+    /// Serve the API with mTLS, with the node's own certificate.
+    pub api_tls: bool,
 }
 
 impl ProcOptions {
@@ -73,6 +75,18 @@ impl ProcOptions {
             tier: Tier::Regional,
             region: region.to_owned(),
             extra_toml: String::new(),
+            api_tls: false,
+        }
+    }
+
+    /// A globald cluster, its API served with mTLS.
+    pub fn global(name: &str) -> ProcOptions {
+        ProcOptions {
+            binary: "globald",
+            tier: Tier::Global,
+            region: name.to_owned(),
+            extra_toml: String::new(),
+            api_tls: true,
         }
     }
 }
@@ -201,11 +215,21 @@ fn write_config(
     let bootstrap = bootstrap
         .map(|b| format!("bootstrap = [\"{b}\"]"))
         .unwrap_or_default();
+    let api_tls = if options.api_tls {
+        format!(
+            "[api.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            tls.ca.display(),
+            tls.cert.display(),
+            tls.key.display()
+        )
+    } else {
+        String::new()
+    };
     let toml = format!(
         "[node]\nname = \"{name}\"\nregion = \"{region}\"\ndata_dir = \"{data}\"\n\
          [gossip]\nlisten = \"{gossip}\"\n{bootstrap}\n\
          [gossip.tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
-         [api]\nlisten = \"{api}\"\n[admin]\nlisten = \"{admin}\"\n{extra}\n",
+         [api]\nlisten = \"{api}\"\n{api_tls}[admin]\nlisten = \"{admin}\"\n{extra}\n",
         name = daemon.name,
         region = options.region,
         data = data.display(),

@@ -16,6 +16,7 @@ use strata_proto::v1 as pb;
 use tokio::sync::mpsc;
 
 use super::{progress, result};
+use crate::cluster::metric;
 use crate::procs::{ProcCluster, ProcOptions};
 
 /// Builds the daemons in release mode when the benchmark runs under `cargo run`, so one
@@ -71,7 +72,8 @@ async fn cluster(nodes: usize, extra_toml: &str) -> anyhow::Result<(ProcCluster,
     Ok((cluster, clients))
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p`th percentile of sorted values (nearest rank).
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -79,7 +81,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-fn round2(x: f64) -> f64 {
+/// Rounded to two decimals.
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
@@ -213,15 +216,8 @@ pub async fn propagation(nodes: usize, writes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sums a metric's samples in an OpenMetrics text (labels ignored unless in `name`).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn scrape(admin: std::net::SocketAddr) -> anyhow::Result<String> {
+/// A node's `/metrics` page.
+pub(crate) async fn scrape(admin: std::net::SocketAddr) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(admin).await?;
     tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -2,6 +2,7 @@
 //! `RESULT {json}` holding its figures, measured against a baseline in the same run.
 
 pub mod cluster;
+pub mod global;
 pub mod store;
 
 use std::time::Instant;

@@ -2,7 +2,7 @@
 //! `RESULT {json}`.
 
 use clap::{Parser, Subcommand};
-use strata_tests::bench::{cluster, store};
+use strata_tests::bench::{cluster, global, store};
 
 /// Strata's benchmarks.
 #[derive(Parser, Debug)]
@@ -65,6 +65,19 @@ enum Scenario {
         #[arg(long, default_value_t = 0)]
         soak: u64,
     },
+    /// The two tiers: region change to every globald, bytes to the global tier per regional
+    /// change, route lookups cached and direct.
+    Global {
+        /// Regions.
+        #[arg(long, default_value_t = 3)]
+        regions: usize,
+        /// regiond per region.
+        #[arg(long, default_value_t = 3)]
+        nodes_per_region: usize,
+        /// Summary-changing Machine changes measured.
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+    },
     /// Resident memory per node, idle and after 100k rows.
     Rss {
         /// Nodes (processes).
@@ -102,6 +115,11 @@ fn main() -> anyhow::Result<()> {
             Scenario::Catchup { rows } => cluster::catchup(rows).await,
             Scenario::Detect { nodes, soak } => cluster::detect(nodes, soak).await,
             Scenario::Rss { nodes, rows } => cluster::rss(nodes, rows).await,
+            Scenario::Global {
+                regions,
+                nodes_per_region,
+                changes,
+            } => global::global(regions, nodes_per_region, changes).await,
         }
     })
 }

@@ -371,7 +371,8 @@ impl NodeConfig {
     /// Loads defaults, then `path` (if given), then `STRATA_*` environment overrides, and checks
     /// required keys.
     pub fn load(path: Option<&Path>) -> Result<NodeConfig, ConfigError> {
-        Self::load_with(path, Env::prefixed("STRATA_").split("__"))
+        // A bare `STRATA_API` is the client commands' endpoint (`--api`), not a section.
+        Self::load_with(path, Env::prefixed("STRATA_").split("__").ignore(&["api"]))
     }
 
     /// [`NodeConfig::load`] with an explicit environment provider (tests use a fixed one).
@@ -499,11 +500,15 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("node.toml", MINIMAL)?;
             jail.set_env("STRATA_NODE__NAME", "ams-2");
+            // The client commands' endpoint variable does not disturb a node.
+            jail.set_env("STRATA_API", "http://127.0.0.1:7200");
+            jail.set_env("STRATA_API__QUERY_BATCH_ROWS", "64");
             jail.set_env("STRATA_CLUSTER__SYNC__INTERVAL_MS", "250");
             let config = NodeConfig::load(Some(Path::new("node.toml")))
                 .map_err(|e| figment::Error::from(e.to_string()))?;
             assert_eq!(config.node.name, "ams-2");
             assert_eq!(config.cluster.sync.interval_ms, 250);
+            assert_eq!(config.api.query_batch_rows, 64);
             jail.set_env("STRATA_API__NOPE", "1");
             let err = NodeConfig::load(Some(Path::new("node.toml"))).unwrap_err();
             assert!(err.to_string().contains("nope"), "{err}");

@@ -39,8 +39,6 @@ pub struct NodeSpec {
     pub tier: Tier,
     /// The schema used when the configuration names no schema files.
     pub default_schema: &'static str,
-    /// Who may call `Transact`.
-    pub writers: api::Writers,
     /// The daemon's own services and background work.
     pub extra: Extra,
 }
@@ -51,7 +49,6 @@ impl NodeSpec {
         NodeSpec {
             tier,
             default_schema,
-            writers: api::Writers::Anyone,
             extra: |_, routes| Ok(routes),
         }
     }
@@ -252,7 +249,6 @@ impl Node {
             metrics: Arc::clone(&metrics),
             config: config.api.clone(),
             me: identity.clone(),
-            writers: spec.writers,
         };
         let services = Services {
             store: &store,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use strata_common::api::{Writers, caller};
+use strata_common::api::caller;
 use strata_common::client::ClientTls;
 use strata_common::client::router::{Router, RouterConfig};
 use strata_common::metrics::{MetricSource, Sample};
@@ -30,7 +30,6 @@ pub fn spec() -> NodeSpec {
     NodeSpec {
         tier: Tier::Global,
         default_schema: DEFAULT_SCHEMA,
-        writers: Writers::NotRegions,
         extra: services,
     }
 }

@@ -7,7 +7,6 @@
 
 pub mod publish;
 
-use strata_common::api::Writers;
 use strata_common::node::{NodeError, NodeSpec, Services};
 use strata_common::transport::Tier;
 
@@ -19,7 +18,6 @@ pub fn spec() -> NodeSpec {
     NodeSpec {
         tier: Tier::Regional,
         default_schema: DEFAULT_SCHEMA,
-        writers: Writers::Anyone,
         extra: services,
     }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use strata_proto::v1::strata_server::StrataServer;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -25,28 +26,26 @@ pub use service::{QueryStream, StrataService};
 use crate::config::{ApiSection, TlsSection};
 use crate::transport::{PeerIdentity, Tier, identity_from_der};
 
-/// Who may call `Transact` on a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Writers {
-    /// Any caller the API accepts (a region's API: its hosts write their Machines).
-    Anyone,
-    /// Any caller but a region's (globald: regions write the global map only through
-    /// `Publish`, which checks the rows against their certificate).
-    NotRegions,
-}
-
-impl Writers {
-    /// Whether `caller` may call `Transact`; the status says why not.
-    pub fn check(self, caller: Option<&PeerIdentity>) -> Result<(), tonic::Status> {
-        match (self, caller) {
-            (Writers::NotRegions, Some(who)) if who.tier == Tier::Regional => {
-                Err(tonic::Status::permission_denied(format!(
-                    "{who} is a region's certificate: regions write the global map only \
-                     through Publish"
-                )))
-            }
-            _ => Ok(()),
+/// Whether `caller` may call `Transact` on node `me`: a caller without a certificate (an API
+/// served in plaintext, which the operator keeps on a trusted host or network), or one whose
+/// certificate names the node's own cluster (its tier and region). Anyone else reads only: a
+/// globald dialing a region for route lookups, an edge, and on globald the regions' publishers,
+/// which write the global map only through `Publish`, where their rows are checked against
+/// their certificate.
+pub fn check_writer(caller: Option<&PeerIdentity>, me: &PeerIdentity) -> Result<(), tonic::Status> {
+    match caller {
+        Some(who) if !who.same_cluster(me) => {
+            let hint = if who.tier == Tier::Regional && me.tier == Tier::Global {
+                ": regions write the global map only through Publish"
+            } else {
+                ""
+            };
+            Err(tonic::Status::permission_denied(format!(
+                "{who} may read this {} cluster ({}) but not write it{hint}",
+                me.tier, me.region
+            )))
         }
+        _ => Ok(()),
     }
 }
 
@@ -107,9 +106,48 @@ pub async fn serve(
     }
     let strata = StrataServer::new(service).max_decoding_message_size(HARD_MESSAGE_BYTES_MAX);
     let routes = extra.add_service(strata);
+    // The builder's `tcp_nodelay` applies only to listeners it binds itself. Without it, the
+    // last frame of a streamed answer (the trailers) waits for the client's delayed ACK: 40 ms.
+    let incoming = TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(err) = stream.set_nodelay(true) {
+                tracing::debug!(error = %err, "cannot set TCP_NODELAY on an API connection");
+            }
+        })
+    });
     builder
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_nodes_own_cluster_writes() {
+        let ams = PeerIdentity::new("ams-1", Tier::Regional, "ams").unwrap();
+        let global = PeerIdentity::new("g-1", Tier::Global, "global").unwrap();
+        // Plaintext callers and the cluster's own certificates write.
+        check_writer(None, &ams).unwrap();
+        check_writer(
+            Some(&PeerIdentity::new("ams-2", Tier::Regional, "ams").unwrap()),
+            &ams,
+        )
+        .unwrap();
+        check_writer(
+            Some(&PeerIdentity::new("ops", Tier::Global, "global").unwrap()),
+            &global,
+        )
+        .unwrap();
+        // Another region, another tier: read only.
+        let iad = PeerIdentity::new("iad-1", Tier::Regional, "iad").unwrap();
+        let status = check_writer(Some(&iad), &ams).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(check_writer(Some(&global), &ams).is_err());
+        let status = check_writer(Some(&ams), &global).unwrap_err();
+        assert!(status.message().contains("Publish"), "{}", status.message());
+    }
 }

@@ -27,7 +27,6 @@ pub struct StrataService {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: ApiSection,
     pub(crate) me: PeerIdentity,
-    pub(crate) writers: super::Writers,
 }
 
 impl StrataService {
@@ -224,7 +223,7 @@ impl Strata for StrataService {
     ) -> Result<Response<pb::TransactResponse>, Status> {
         let started = Instant::now();
         let caller = super::caller(&request);
-        let result = match self.writers.check(caller.as_ref()) {
+        let result = match super::check_writer(caller.as_ref(), &self.me) {
             Ok(()) => self.transact_inner(request.into_inner()).await,
             Err(status) => Err(status),
         };

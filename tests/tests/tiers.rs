@@ -151,6 +151,40 @@ async fn a_region_writes_only_its_own_rows_within_its_caps() {
     tiers
         .wait_global("ams", &rows(&[("web", 1, 1)]), Duration::from_secs(10))
         .await;
+    // Changes that alter no summary send nothing: two of them, each derived in turn (one
+    // derivation runs at a time, so once the second has run the first was fully handled).
+    let node = &tiers.region("ams").node(0).metrics;
+    let sent = |name| metric(&node.encode(), name);
+    let publishes = sent("strata_publish_publishes_total");
+    let derivations = sent("strata_publish_derivations_total");
+    let region = tiers.region("ams").client(0).await;
+    for round in 1..=2 {
+        region
+            .transact(vec![Statement::new(format!(
+                "UPDATE machines SET version = version + 1, address = '10.0.0.{round}'"
+            ))])
+            .await
+            .unwrap();
+        wait_for(
+            Duration::from_secs(10),
+            "the change to be derived",
+            || async {
+                let done = sent("strata_publish_derivations_total") - derivations;
+                if done >= f64::from(round) {
+                    Ok(())
+                } else {
+                    Err(format!("{done} derivations"))
+                }
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        sent("strata_publish_publishes_total"),
+        publishes,
+        "a change that altered no summary was published"
+    );
+
     let before = tiers.global.store(0).dump().unwrap();
     let ams = tiers
         .global_client_with(0, tiers.global_tls("ams-rogue", Tier::Regional, "ams"))

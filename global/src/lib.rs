@@ -67,6 +67,9 @@ fn services(
     services
         .metrics
         .add_source(Box::new(Stats(Arc::clone(publisher.stats()))));
+    services
+        .metrics
+        .add_source(Box::new(RouteStats(router.stats_handle())));
     let service = GlobalService {
         publisher,
         router,
@@ -85,6 +88,49 @@ struct Stats(Arc<publish::PublishStats>);
 impl MetricSource for Stats {
     fn collect(&self) -> Vec<Sample> {
         self.0.collect()
+    }
+}
+
+#[derive(Debug)]
+struct RouteStats(Arc<strata_common::client::router::RouterStats>);
+
+impl MetricSource for RouteStats {
+    fn collect(&self) -> Vec<Sample> {
+        use std::sync::atomic::Ordering;
+        let counter = |name, help, c: &std::sync::atomic::AtomicU64| Sample {
+            name,
+            help,
+            kind: strata_common::metrics::SampleKind::Counter,
+            value: c.load(Ordering::Relaxed) as f64,
+        };
+        let s = &self.0;
+        vec![
+            counter(
+                "strata_route_cached_lookups",
+                "Route lookups answered from caches alone.",
+                &s.cached,
+            ),
+            counter(
+                "strata_route_direct_lookups",
+                "Route lookups that asked a region directly.",
+                &s.direct,
+            ),
+            counter(
+                "strata_route_fallthroughs",
+                "Regions passed over during route lookups.",
+                &s.fallthroughs,
+            ),
+            counter(
+                "strata_route_follow_failures",
+                "Region cache subscriptions that broke and were retried after a pause.",
+                &s.follow_failures,
+            ),
+            counter(
+                "strata_route_regions_over_limit",
+                "Route lookups that needed a region cache beyond route.regions_max.",
+                &s.regions_over_limit,
+            ),
+        ]
     }
 }
 

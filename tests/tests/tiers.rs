@@ -124,6 +124,43 @@ async fn machine_changes_reach_every_globald_within_2s_and_apps_that_leave_disap
     };
     assert!(endpoints.contains("http://127.0.0.1:"), "{endpoints}");
     assert_eq!(schema.len(), 16, "{schema}");
+
+    // The two publishers (the lowest names) go; the third node takes over.
+    let publisher = |tiers: &Tiers, index: usize| {
+        metric(
+            &tiers.region("ams").node(index).metrics.encode(),
+            "strata_publish_publisher",
+        )
+    };
+    assert_eq!(
+        publisher(&tiers, 2),
+        0.0,
+        "ams-2 is not among the two lowest names"
+    );
+    let mut tiers = tiers;
+    tiers.region_mut("ams").stop(0).await;
+    tiers.region_mut("ams").stop(1).await;
+    wait_for(
+        Duration::from_secs(20),
+        "ams-2 to take over publishing",
+        || async {
+            match publisher(&tiers, 2) {
+                1.0 => Ok(()),
+                seen => Err(format!("publisher gauge {seen}")),
+            }
+        },
+    )
+    .await;
+    tiers
+        .region("ams")
+        .client(2)
+        .await
+        .transact(vec![machine("m4", "web", "ams", "started")])
+        .await
+        .unwrap();
+    tiers
+        .wait_global("ams", &rows(&[("web", 3, 2)]), Duration::from_secs(5))
+        .await;
     tiers.shutdown().await;
 }
 

@@ -220,6 +220,11 @@ impl Router {
         &self.inner.stats
     }
 
+    /// The router's counters, shared (for a metrics exporter).
+    pub fn stats_handle(&self) -> Arc<RouterStats> {
+        Arc::clone(&self.inner.stats)
+    }
+
     /// Where `app` runs, from the configured local region.
     pub async fn route(&self, app: &str) -> Result<Route, RouteError> {
         let inner = &self.inner;

@@ -292,7 +292,8 @@ pub struct PublishSection {
     /// The derivation query: one row per app with columns `app, machines, started, stopped,
     /// other`.
     pub derivation: String,
-    /// This region's API endpoints, published for edge lookups (default: this node's API).
+    /// This region's API endpoints, published for edge lookups (default: this node's API, at
+    /// its gossip address when the API listens on a wildcard address).
     pub endpoints: Vec<String>,
 }
 

@@ -43,17 +43,6 @@ pub struct NodeSpec {
     pub extra: Extra,
 }
 
-impl NodeSpec {
-    /// A node of `tier` with `default_schema` and nothing of its own (tests, tools).
-    pub fn plain(tier: Tier, default_schema: &'static str) -> NodeSpec {
-        NodeSpec {
-            tier,
-            default_schema,
-            extra: |_, routes| Ok(routes),
-        }
-    }
-}
-
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {

@@ -69,7 +69,7 @@ fn services(
         .add_source(Box::new(Stats(Arc::clone(publisher.stats()))));
     services
         .metrics
-        .add_source(Box::new(RouteStats(router.stats_handle())));
+        .add_source(Box::new(RouteStats(router.stats())));
     let service = GlobalService {
         publisher,
         router,

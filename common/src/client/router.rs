@@ -215,13 +215,8 @@ impl Router {
         Router::new(config, map, tracker, cancel)
     }
 
-    /// The router's counters.
-    pub fn stats(&self) -> &RouterStats {
-        &self.inner.stats
-    }
-
     /// The router's counters, shared (for a metrics exporter).
-    pub fn stats_handle(&self) -> Arc<RouterStats> {
+    pub fn stats(&self) -> Arc<RouterStats> {
         Arc::clone(&self.inner.stats)
     }
 
@@ -239,30 +234,65 @@ impl Router {
         from: &str,
         prefer: &[String],
     ) -> Result<Route, RouteError> {
-        let inner = &self.inner;
-        let (running, mut endpoints, mut cached) = match inner.map.regions(app) {
-            Some(regions) => (regions, None, true),
-            None => {
-                let fetched = inner.map.fetch(app).await.map_err(RouteError::Map)?;
-                (fetched.regions, Some(fetched.endpoints), false)
+        let map = &self.inner.map;
+        match map.regions(app) {
+            Some(running) => {
+                let candidates = order_regions(&running, from, prefer);
+                self.first_answer(app, candidates, None).await
             }
-        };
-        let candidates = order_regions(&running, from, prefer);
+            None => {
+                let fetched = map.fetch(app).await.map_err(RouteError::Map)?;
+                let candidates = order_regions(&fetched.regions, from, prefer);
+                self.first_answer(app, candidates, Some(fetched.endpoints))
+                    .await
+            }
+        }
+    }
+
+    /// Like [`Router::route_from`], but asks the global tier and the regions directly,
+    /// bypassing every cache (for measurements, and for callers that must not see a stale
+    /// answer).
+    pub async fn route_direct(
+        &self,
+        app: &str,
+        from: &str,
+        prefer: &[String],
+    ) -> Result<Route, RouteError> {
+        let fetched = self.inner.map.fetch(app).await.map_err(RouteError::Map)?;
+        let candidates = order_regions(&fetched.regions, from, prefer);
+        self.first_answer(app, candidates, Some(fetched.endpoints))
+            .await
+    }
+
+    /// The first of `candidates` with running Machines of `app`. With `fetched` endpoints (the
+    /// map was asked directly) regions are asked directly too; otherwise each region's cache
+    /// answers, and the region itself only when its cache is not current.
+    async fn first_answer(
+        &self,
+        app: &str,
+        candidates: Vec<String>,
+        mut fetched: Option<HashMap<String, Vec<String>>>,
+    ) -> Result<Route, RouteError> {
+        let inner = &self.inner;
         if candidates.is_empty() {
             return Err(RouteError::NotFound(app.to_owned()));
         }
+        let mut cached = fetched.is_none();
         let mut skipped = Vec::new();
         for region in &candidates {
-            let answer = match self.cache(region).map(|cache| cache.lookup(app)) {
-                Some(Ok(answer)) => Ok(answer),
-                // No cache for it, or the cache is not current: ask the region.
-                None | Some(Err(_)) => {
+            let from_cache = match &fetched {
+                Some(_) => None,
+                None => self.cache(region).and_then(|cache| cache.lookup(app).ok()),
+            };
+            let answer = match from_cache {
+                Some(answer) => Ok(answer),
+                None => {
                     cached = false;
-                    let list = match endpoints.as_mut().and_then(|e| e.remove(region)) {
-                        Some(list) => list,
+                    let endpoints = match fetched.as_mut() {
+                        Some(fetched) => fetched.remove(region).unwrap_or_default(),
                         None => inner.map.endpoints(region).unwrap_or_default(),
                     };
-                    self.ask_region(region, app, &list).await
+                    self.ask_region(region, app, &endpoints).await
                 }
             };
             match answer {
@@ -295,47 +325,6 @@ impl Router {
             .stats
             .fallthroughs
             .fetch_add(skipped.len() as u64, Ordering::Relaxed);
-        Err(RouteError::Unavailable {
-            app: app.to_owned(),
-            skipped,
-        })
-    }
-
-    /// Like [`Router::route_from`], but asks the global tier and the regions directly,
-    /// bypassing every cache (for measurements, and for callers that must not see a stale
-    /// answer).
-    pub async fn route_direct(
-        &self,
-        app: &str,
-        from: &str,
-        prefer: &[String],
-    ) -> Result<Route, RouteError> {
-        let inner = &self.inner;
-        let fetched = inner.map.fetch(app).await.map_err(RouteError::Map)?;
-        let candidates = order_regions(&fetched.regions, from, prefer);
-        if candidates.is_empty() {
-            return Err(RouteError::NotFound(app.to_owned()));
-        }
-        let mut skipped = Vec::new();
-        for region in &candidates {
-            let list = fetched.endpoints.get(region).cloned().unwrap_or_default();
-            match self.ask_region(region, app, &list).await {
-                Ok((columns, machines)) if !machines.is_empty() => {
-                    inner.stats.direct.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Route {
-                        app: app.to_owned(),
-                        region: region.clone(),
-                        columns,
-                        machines,
-                        candidates,
-                        skipped,
-                        cached: false,
-                    });
-                }
-                Ok(_) => skipped.push((region.clone(), "no running machines".to_owned())),
-                Err(reason) => skipped.push((region.clone(), reason)),
-            }
-        }
         Err(RouteError::Unavailable {
             app: app.to_owned(),
             skipped,

@@ -161,7 +161,12 @@ pub fn start(services: &Services<'_>) -> Result<Option<Arc<PublishStats>>, NodeE
         } else {
             "http"
         };
-        vec![format!("{scheme}://{}", services.api_addr)]
+        // An API on a wildcard address is reached at the node's cluster address.
+        let mut addr = services.api_addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(services.config.gossip.listen.ip());
+        }
+        vec![format!("{scheme}://{addr}")]
     } else {
         config.endpoints.clone()
     };
@@ -182,7 +187,7 @@ pub fn start(services: &Services<'_>) -> Result<Option<Arc<PublishStats>>, NodeE
         store: services.store.clone(),
         region: services.identity.region.clone(),
         me: services.identity.node.clone(),
-        sender: Sender {
+        globals: Globals {
             clients,
             next: 0,
             timeout: Duration::from_millis(config.timeout_ms.max(1)),
@@ -211,13 +216,13 @@ impl MetricSource for SharedStats {
 }
 
 /// The globald endpoints, tried in turn: a failed call moves to the next for the retry.
-struct Sender {
+struct Globals {
     clients: Vec<Client>,
     next: usize,
     timeout: Duration,
 }
 
-impl Sender {
+impl Globals {
     /// The client for the next call.
     fn client(&self) -> Client {
         self.clients[self.next % self.clients.len()].clone()
@@ -233,7 +238,7 @@ struct Driver {
     store: Store,
     region: String,
     me: String,
-    sender: Sender,
+    globals: Globals,
     config: PublishSection,
     /// The region's endpoints as configured, or this node's API when none are.
     own_endpoints: Vec<String>,
@@ -313,7 +318,7 @@ impl Driver {
         if let Some((what, error)) = failed {
             if what == "publish" {
                 // The retry goes to the next globald.
-                self.sender.failed();
+                self.globals.failed();
             }
             tracing::warn!(%error, failures = self.publisher.failures() + 1, "{what} failed; backing off");
         }
@@ -358,8 +363,8 @@ impl Driver {
         let request = self.request(&publication);
         let bytes = request.encoded_len() as u64;
         let summaries = (request.upserts.len() + request.removed.len()) as u64;
-        let client = self.sender.client();
-        let timeout = self.sender.timeout;
+        let client = self.globals.client();
+        let timeout = self.globals.timeout;
         let stats = Arc::clone(&self.stats);
         strata_common::telemetry::spawn(&self.tracker, async move {
             PublishStats::add(&stats.bytes_sent, bytes);

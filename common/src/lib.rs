@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod cluster;

@@ -319,6 +319,13 @@ pub trait MetricSource: Send + Sync + fmt::Debug {
     fn collect(&self) -> Vec<Sample>;
 }
 
+/// A source shared with the code that updates it.
+impl<T: MetricSource> MetricSource for Arc<T> {
+    fn collect(&self) -> Vec<Sample> {
+        (**self).collect()
+    }
+}
+
 /// Every metric of one node.
 ///
 /// The fields are handles: updating one is an atomic operation, and cloning one yields

@@ -15,7 +15,6 @@ use prost::Message;
 use strata_common::api::caller;
 use strata_common::client::ClientTls;
 use strata_common::client::router::{Router, RouterConfig};
-use strata_common::metrics::{MetricSource, Sample};
 use strata_common::node::{NodeError, NodeSpec, Services};
 use strata_common::transport::Tier;
 use strata_proto::v1 as pb;
@@ -66,10 +65,8 @@ fn services(
     let publisher = publish::Publisher::new(services.store.clone(), config.global.clone());
     services
         .metrics
-        .add_source(Box::new(Stats(Arc::clone(publisher.stats()))));
-    services
-        .metrics
-        .add_source(Box::new(RouteStats(router.stats())));
+        .add_source(Box::new(Arc::clone(publisher.stats())));
+    services.metrics.add_source(Box::new(router.stats()));
     let service = GlobalService {
         publisher,
         router,
@@ -80,58 +77,6 @@ fn services(
         GlobalServer::new(service)
             .max_decoding_message_size(strata_common::api::HARD_MESSAGE_BYTES_MAX),
     ))
-}
-
-#[derive(Debug)]
-struct Stats(Arc<publish::PublishStats>);
-
-impl MetricSource for Stats {
-    fn collect(&self) -> Vec<Sample> {
-        self.0.collect()
-    }
-}
-
-#[derive(Debug)]
-struct RouteStats(Arc<strata_common::client::router::RouterStats>);
-
-impl MetricSource for RouteStats {
-    fn collect(&self) -> Vec<Sample> {
-        use std::sync::atomic::Ordering;
-        let counter = |name, help, c: &std::sync::atomic::AtomicU64| Sample {
-            name,
-            help,
-            kind: strata_common::metrics::SampleKind::Counter,
-            value: c.load(Ordering::Relaxed) as f64,
-        };
-        let s = &self.0;
-        vec![
-            counter(
-                "strata_route_cached_lookups",
-                "Route lookups answered from caches alone.",
-                &s.cached,
-            ),
-            counter(
-                "strata_route_direct_lookups",
-                "Route lookups that asked a region directly.",
-                &s.direct,
-            ),
-            counter(
-                "strata_route_fallthroughs",
-                "Regions passed over during route lookups.",
-                &s.fallthroughs,
-            ),
-            counter(
-                "strata_route_follow_failures",
-                "Region cache subscriptions that broke and were retried after a pause.",
-                &s.follow_failures,
-            ),
-            counter(
-                "strata_route_regions_over_limit",
-                "Route lookups that needed a region cache beyond route.regions_max.",
-                &s.regions_over_limit,
-            ),
-        ]
-    }
 }
 
 /// The `Global` service.

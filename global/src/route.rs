@@ -30,21 +30,29 @@ impl LocalMap {
         LocalMap { store }
     }
 
-    fn read(&self, app: &str) -> Result<AppRegions, String> {
+    /// The app's regions and, when asked, their endpoints.
+    fn read(&self, app: &str, with_endpoints: bool) -> Result<AppRegions, String> {
         let app = [Value::Text(app.to_owned())];
-        let regions = self.store.query(REGIONS_SQL, &app);
-        let endpoints = self.store.query(ENDPOINTS_SQL, &app);
-        match (regions, endpoints) {
-            (Ok(regions), Ok(endpoints)) => Ok(app_regions(regions, endpoints)),
-            (Err(err), _) | (_, Err(err)) => Err(err.to_string()),
-        }
+        let regions = self
+            .store
+            .query(REGIONS_SQL, &app)
+            .map_err(|err| err.to_string())?;
+        let endpoints = if with_endpoints {
+            self.store
+                .query(ENDPOINTS_SQL, &app)
+                .map_err(|err| err.to_string())?
+        } else {
+            Default::default()
+        };
+        Ok(app_regions(regions, endpoints))
     }
 }
 
 impl MapSource for LocalMap {
     fn regions(&self, app: &str) -> Option<Vec<(String, u64)>> {
-        // The local store is always current: a read of an indexed row or two.
-        self.read(app).ok().map(|found| found.regions)
+        // The local store is always current: a read of an indexed row or two. Endpoints are
+        // read only for the regions a lookup has to ask (`endpoints`).
+        self.read(app, false).ok().map(|found| found.regions)
     }
 
     fn endpoints(&self, region: &str) -> Option<Vec<String>> {
@@ -62,7 +70,7 @@ impl MapSource for LocalMap {
     }
 
     fn fetch<'a>(&'a self, app: &'a str) -> BoxFuture<'a, Result<AppRegions, String>> {
-        Box::pin(async move { self.read(app) })
+        Box::pin(async move { self.read(app, true) })
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use strata_common::client::{Client, ClientTls};
 use strata_common::config::{NodeConfig, TlsSection};
-use strata_common::store::{Statement, Value};
+use strata_common::store::{Rows, Statement, Value};
 use strata_common::transport::Tier;
 
 use crate::cluster::{TestCluster, wait_for};
@@ -126,13 +126,7 @@ impl Tiers {
                 &[Value::Text(region.to_owned())],
             )
             .unwrap();
-        rows.rows
-            .into_iter()
-            .map(|row| match &row[..] {
-                [Value::Text(app), Value::Integer(m), Value::Integer(s)] => (app.clone(), (*m, *s)),
-                other => panic!("unexpected row {other:?}"),
-            })
-            .collect()
+        counts_by_app(rows)
     }
 
     /// Waits until every running globald holds exactly `expected` for `region`.
@@ -164,6 +158,17 @@ impl Tiers {
         }
         self.global.shutdown().await;
     }
+}
+
+/// Rows of `(app, machines, started)` as app -> (machines, started).
+pub fn counts_by_app(rows: Rows) -> BTreeMap<String, (i64, i64)> {
+    rows.rows
+        .into_iter()
+        .map(|row| match &row[..] {
+            [Value::Text(app), Value::Integer(m), Value::Integer(s)] => (app.clone(), (*m, *s)),
+            other => panic!("unexpected row {other:?}"),
+        })
+        .collect()
 }
 
 fn global_endpoints(global: &TestCluster) -> Vec<String> {

@@ -14,7 +14,7 @@ use strata_common::store::{Statement, Value};
 use strata_common::transport::Tier;
 use strata_proto::v1 as pb;
 use strata_tests::cluster::{metric, wait_for};
-use strata_tests::tiers::{GLOBAL, Tiers, TiersOptions, machine};
+use strata_tests::tiers::{GLOBAL, Tiers, TiersOptions, counts_by_app, machine};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Code;
@@ -244,7 +244,6 @@ async fn a_region_writes_only_its_own_rows_within_its_caps() {
         .await
         .unwrap_err();
     assert_status(&err, Code::PermissionDenied, "iad");
-    // A full publish of ams's own rows cannot remove iad's either: the delete is the region's.
     // Regions do not write through Transact.
     let err = ams
         .transact(vec![Statement::new(
@@ -562,13 +561,7 @@ fn ams_summary(tiers: &Tiers, index: usize) -> BTreeMap<String, (i64, i64)> {
             &[],
         )
         .unwrap();
-    rows.rows
-        .into_iter()
-        .map(|row| match &row[..] {
-            [Value::Text(app), Value::Integer(m), Value::Integer(s)] => (app.clone(), (*m, *s)),
-            other => panic!("unexpected row {other:?}"),
-        })
-        .collect()
+    counts_by_app(rows)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

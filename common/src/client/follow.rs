@@ -12,7 +12,6 @@
 
 use std::time::Duration;
 
-use rand::RngExt;
 use strata_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
@@ -83,7 +82,12 @@ impl Follow {
             sink(Event::Down(reason));
             attempt = attempt.wrapping_add(1);
             failures = failures.saturating_add(1);
-            let pause = self.backoff(failures);
+            let pause = crate::backoff::jittered(
+                self.backoff_min,
+                self.backoff_max,
+                failures,
+                &mut rand::rng(),
+            );
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(pause) => {}
@@ -141,16 +145,5 @@ impl Follow {
             }
         }
         Ok(())
-    }
-
-    /// `backoff_min · 2^(failures-1)` capped at `backoff_max`, drawn from its upper half.
-    fn backoff(&self, failures: u32) -> Duration {
-        let exponent = failures.saturating_sub(1).min(20);
-        let ceiling = self
-            .backoff_min
-            .saturating_mul(1 << exponent)
-            .min(self.backoff_max);
-        let ceiling_ms = ceiling.as_millis().max(1) as u64;
-        Duration::from_millis(rand::rng().random_range(ceiling_ms.div_ceil(2)..=ceiling_ms))
     }
 }

@@ -165,6 +165,44 @@ pub struct RouterStats {
     pub regions_over_limit: AtomicU64,
 }
 
+impl crate::metrics::MetricSource for RouterStats {
+    fn collect(&self) -> Vec<crate::metrics::Sample> {
+        let counter = |name, help, c: &AtomicU64| crate::metrics::Sample {
+            name,
+            help,
+            kind: crate::metrics::SampleKind::Counter,
+            value: c.load(Ordering::Relaxed) as f64,
+        };
+        vec![
+            counter(
+                "strata_route_cached_lookups",
+                "Route lookups answered from caches alone.",
+                &self.cached,
+            ),
+            counter(
+                "strata_route_direct_lookups",
+                "Route lookups that asked a region directly.",
+                &self.direct,
+            ),
+            counter(
+                "strata_route_fallthroughs",
+                "Regions passed over during route lookups.",
+                &self.fallthroughs,
+            ),
+            counter(
+                "strata_route_follow_failures",
+                "Region cache subscriptions that broke and were retried after a pause.",
+                &self.follow_failures,
+            ),
+            counter(
+                "strata_route_regions_over_limit",
+                "Route lookups that needed a region cache beyond route.regions_max.",
+                &self.regions_over_limit,
+            ),
+        ]
+    }
+}
+
 /// The edge router.
 #[derive(Clone)]
 pub struct Router {

@@ -24,8 +24,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 /// One app's Machines in the region, by state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -338,7 +338,12 @@ impl Publisher {
     fn failed(&mut self, now: Instant, out: &mut Vec<Action>) {
         self.failures = self.failures.saturating_add(1);
         self.dirty = true;
-        let delay = self.backoff();
+        let delay = strata_common::backoff::jittered(
+            self.settings.backoff_min,
+            self.settings.backoff_max,
+            self.failures,
+            &mut self.rng,
+        );
         self.set_derive_timer(now + delay, out);
     }
 
@@ -384,19 +389,6 @@ impl Publisher {
             },
             at: now + self.settings.reconcile,
         });
-    }
-
-    /// `backoff_min · 2^(failures-1)`, capped at `backoff_max`, then a uniform draw from its
-    /// upper half, so publishers that failed together do not retry together.
-    fn backoff(&mut self) -> Duration {
-        let exponent = self.failures.saturating_sub(1).min(20);
-        let ceiling = self
-            .settings
-            .backoff_min
-            .saturating_mul(1 << exponent)
-            .min(self.settings.backoff_max);
-        let ceiling_ms = ceiling.as_millis().max(1) as u64;
-        Duration::from_millis(self.rng.random_range(ceiling_ms.div_ceil(2)..=ceiling_ms))
     }
 
     fn token(&mut self) -> u64 {

@@ -128,11 +128,11 @@ impl MetricSource for PublishStats {
 
 /// Starts the publisher if `[publish] to` names globald endpoints. Checks the derivation query
 /// first, so a bad one stops the node at start rather than failing forever.
-pub fn start(services: &Services<'_>) -> Result<Option<Arc<PublishStats>>, NodeError> {
+pub fn start(services: &Services<'_>) -> Result<(), NodeError> {
     let config = &services.config.publish;
     if config.to.is_empty() {
         tracing::info!("publishing to the global tier is off ([publish] to is empty)");
-        return Ok(None);
+        return Ok(());
     }
     let bad = |what, reason: String| NodeError::Service { what, reason };
     derive::check(services.store, &config.derivation)
@@ -171,9 +171,7 @@ pub fn start(services: &Services<'_>) -> Result<Option<Arc<PublishStats>>, NodeE
         config.endpoints.clone()
     };
     let stats = Arc::new(PublishStats::default());
-    services
-        .metrics
-        .add_source(Box::new(SharedStats(Arc::clone(&stats))));
+    services.metrics.add_source(Box::new(Arc::clone(&stats)));
     let settings = Settings {
         publishers: config.publishers,
         debounce: Duration::from_millis(config.debounce_ms),
@@ -203,16 +201,7 @@ pub fn start(services: &Services<'_>) -> Result<Option<Arc<PublishStats>>, NodeE
     let commits = services.store.subscribe();
     let cancel = services.cancel.clone();
     strata_common::telemetry::spawn(services.tracker, driver.run(view, commits, cancel));
-    Ok(Some(stats))
-}
-
-#[derive(Debug)]
-struct SharedStats(Arc<PublishStats>);
-
-impl MetricSource for SharedStats {
-    fn collect(&self) -> Vec<Sample> {
-        self.0.collect()
-    }
+    Ok(())
 }
 
 /// The globald endpoints, tried in turn: a failed call moves to the next for the retry.

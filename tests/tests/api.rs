@@ -297,13 +297,27 @@ async fn members_and_health_describe_the_cluster() {
     let cluster = TestCluster::start(3, "ams").await;
     cluster.wait_members(Duration::from_secs(20)).await;
     let client = cluster.client(1).await;
+    // A member learned through gossip is named once this node has contacted it directly
+    // (its certificate names it), which the next probe round does.
+    wait_for(
+        Duration::from_secs(20),
+        "every member to be named",
+        || async {
+            let members = client.members().await.unwrap();
+            let mut names: Vec<String> = members.iter().map(|m| m.node.clone()).collect();
+            names.sort();
+            if names == ["ams-0", "ams-1", "ams-2"] {
+                Ok(())
+            } else {
+                Err(format!("{members:?}"))
+            }
+        },
+    )
+    .await;
     let members = client.members().await.unwrap();
     assert_eq!(members.len(), 3);
     assert_eq!(members[0].state, "self");
     assert_eq!(members[0].node, "ams-1");
-    let mut names: Vec<String> = members.iter().map(|m| m.node.clone()).collect();
-    names.sort();
-    assert_eq!(names, ["ams-0", "ams-1", "ams-2"]);
     assert!(
         members
             .iter()

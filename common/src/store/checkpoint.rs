@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
+use super::activity::{Activity, Worker};
+
 /// How often the log is copied into the database; bounds the log to what is written meanwhile.
 pub(crate) const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -19,7 +21,7 @@ pub(crate) const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 pub(crate) const WRITER_AUTOCHECKPOINT_PAGES: u32 = 20_000;
 
 /// Runs until `stop` is dropped.
-pub(crate) fn run(path: PathBuf, stop: Receiver<()>) {
+pub(crate) fn run(path: PathBuf, stop: Receiver<()>, activity: &Activity) {
     let conn = match Connection::open(&path) {
         Ok(conn) => conn,
         Err(err) => {
@@ -33,7 +35,10 @@ pub(crate) fn run(path: PathBuf, stop: Receiver<()>) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
-        if let Err(err) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+        activity.begin(Worker::Checkpointer);
+        let result = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
+        activity.end(Worker::Checkpointer);
+        if let Err(err) = result {
             tracing::warn!(error = %err, "checkpoint failed");
         }
     }

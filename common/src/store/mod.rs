@@ -18,6 +18,7 @@
 //! Layout of a node's database: the replicated tables, their `__strata_clock_N` metadata (see
 //! `table`), and the store's own `__strata_*` tables (see `meta`).
 
+mod activity;
 mod apply;
 mod book;
 mod capture;
@@ -47,6 +48,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 use tokio::sync::{broadcast, oneshot};
 
+pub use activity::StoreHealth;
 pub use book::SiteState;
 pub use change::{Change, Changeset, SiteId};
 pub use error::{Result, StoreError};
@@ -55,6 +57,7 @@ pub use meta::FreshReason;
 pub use schema::{ColumnDef, IndexDef, Refusal, Schema, SchemaRefusal, TableDef};
 pub use value::{PkError, Value, display_pk, pack_pk, unpack_pk};
 
+use activity::{Activity, Worker};
 use book::{Books, Ord};
 use capture::Capture;
 use readers::Readers;
@@ -313,6 +316,7 @@ pub(crate) struct Shared {
     pub(crate) books: RwLock<Books>,
     pub(crate) stats: Stats,
     pub(crate) events: broadcast::Sender<Arc<CommitEvent>>,
+    pub(crate) activity: Arc<Activity>,
 }
 
 /// A replicated SQLite store. Cheap to clone; the writer stops when the last clone is dropped.
@@ -439,6 +443,7 @@ impl Store {
             stats: Stats::default(),
             events,
             options: options.clone(),
+            activity: Arc::new(Activity::default()),
         });
         let (requests, queue) = flume::bounded(options.queue_len.max(1));
         let writer = Writer {
@@ -457,9 +462,10 @@ impl Store {
             .spawn(move || writer.run(queue))?;
         let (stop, stopped) = std::sync::mpsc::channel();
         let checkpoint_path = path.clone();
+        let activity = Arc::clone(&shared.activity);
         let checkpointer = std::thread::Builder::new()
             .name("strata-store-checkpoint".into())
-            .spawn(move || checkpoint::run(checkpoint_path, stopped))?;
+            .spawn(move || checkpoint::run(checkpoint_path, stopped, &activity))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 readers: Readers::new(&path, options.readers, options.reader_cache_kib),
@@ -749,6 +755,17 @@ impl Store {
     /// Commit events from now on. A receiver that falls `events_capacity` behind is told it lagged.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<CommitEvent>> {
         self.inner.shared.events.subscribe()
+    }
+
+    /// What the store's threads are doing, for readiness and the watchdog.
+    pub fn health(&self) -> StoreHealth {
+        let activity = &self.inner.shared.activity;
+        StoreHealth {
+            queued: self.inner.requests.as_ref().map_or(0, flume::Sender::len),
+            writer_busy: activity.busy(Worker::Writer),
+            checkpointer_busy: activity.busy(Worker::Checkpointer),
+            disk_full: activity.disk_full(),
+        }
     }
 
     /// The store's counters.

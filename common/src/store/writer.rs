@@ -27,6 +27,7 @@ use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::{Token, Tokenizer};
 use tokio::sync::oneshot;
 
+use super::activity::Worker;
 use super::apply::{self, Origin};
 use super::book::{Books, Ord, Partial};
 use super::capture::{Capture, CaptureError};
@@ -115,6 +116,7 @@ impl Writer {
                 }
             }
             expected = group.len();
+            self.shared.activity.begin(Worker::Writer);
             let mut pending = Vec::new();
             for request in group {
                 match request {
@@ -128,6 +130,7 @@ impl Writer {
                 }
             }
             self.commit_group(pending);
+            self.shared.activity.end(Worker::Writer);
         }
         if let Err(err) = self.shutdown() {
             tracing::error!(error = %err, "store did not shut down cleanly");

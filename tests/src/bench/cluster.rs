@@ -41,7 +41,10 @@ pub fn build_daemons() -> anyhow::Result<()> {
 }
 
 /// Starts a region cluster and waits until every node sees every other.
-async fn cluster(nodes: usize, extra_toml: &str) -> anyhow::Result<(ProcCluster, Vec<Client>)> {
+pub(crate) async fn cluster(
+    nodes: usize,
+    extra_toml: &str,
+) -> anyhow::Result<(ProcCluster, Vec<Client>)> {
     let started = Instant::now();
     let mut options = ProcOptions::region("ams");
     options.extra_toml = extra_toml.to_owned();

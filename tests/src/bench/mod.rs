@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod global;
+pub mod hostile;
 pub mod store;
 
 use std::time::Instant;

@@ -2,7 +2,7 @@
 //! `RESULT {json}`.
 
 use clap::{Parser, Subcommand};
-use strata_tests::bench::{cluster, global, store};
+use strata_tests::bench::{cluster, global, hostile, store};
 
 /// Strata's benchmarks.
 #[derive(Parser, Debug)]
@@ -78,6 +78,20 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         changes: usize,
     },
+    /// The ordinary 1-row write load on 3 nodes, alone and while one client sends endless
+    /// queries and oversized values: throughput and p99 latency of both.
+    Hostile {
+        /// Concurrent ordinary clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Endless queries the hostile client keeps running at once (the default is the
+        /// default number of reader connections).
+        #[arg(long, default_value_t = 4)]
+        queries: usize,
+    },
     /// Resident memory per node, idle and after 100k rows.
     Rss {
         /// Nodes (processes).
@@ -115,6 +129,11 @@ fn main() -> anyhow::Result<()> {
             Scenario::Catchup { rows } => cluster::catchup(rows).await,
             Scenario::Detect { nodes, soak } => cluster::detect(nodes, soak).await,
             Scenario::Rss { nodes, rows } => cluster::rss(nodes, rows).await,
+            Scenario::Hostile {
+                clients,
+                seconds,
+                queries,
+            } => hostile::hostile(clients, seconds, queries).await,
             Scenario::Global {
                 regions,
                 nodes_per_region,

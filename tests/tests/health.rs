@@ -196,6 +196,11 @@ async fn a_node_that_lost_every_peer_reports_it_and_recovers_when_one_returns() 
     .await;
     let text = cluster.node(0).metrics.encode();
     assert_eq!(metric(&text, "strata_ready"), 0.0, "{text}");
+    let readyz = get(cluster.node(0).admin_addr(), "/readyz").await;
+    assert!(
+        readyz.starts_with("HTTP/1.1 503") && readyz.contains("lost every peer"),
+        "{readyz}"
+    );
 
     cluster.restart(1).await;
     wait_for(
@@ -212,6 +217,20 @@ async fn a_node_that_lost_every_peer_reports_it_and_recovers_when_one_returns() 
     )
     .await;
     cluster.shutdown().await;
+}
+
+/// The raw HTTP answer of the admin listener at `admin` to `GET path`.
+async fn get(admin: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.unwrap();
+    response
 }
 
 /// Runs the stall child in `mode` and returns its exit code and standard error, killing it if

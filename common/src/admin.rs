@@ -38,8 +38,10 @@ pub struct Readiness {
     /// True when the node serves reads and writes (database open, cluster joined, caught up).
     pub ready: bool,
     /// Why it is not ready (`catching up with 3 peers`); shown by `/readyz` when `ready` is
-    /// false, ignored otherwise.
+    /// false, ignored otherwise. Every reason of `reasons`, joined by `; `.
     pub reason: String,
+    /// Each reason it is not ready, most severe first; empty when ready.
+    pub reasons: Vec<String>,
 }
 
 impl Readiness {
@@ -48,14 +50,26 @@ impl Readiness {
         Readiness {
             ready: true,
             reason: String::new(),
+            reasons: Vec::new(),
         }
     }
 
     /// Not ready, for `reason`.
     pub fn not_ready(reason: impl Into<String>) -> Readiness {
+        let reason = reason.into();
         Readiness {
             ready: false,
-            reason: reason.into(),
+            reasons: vec![reason.clone()],
+            reason,
+        }
+    }
+
+    /// Not ready, for each of `reasons`.
+    pub fn not_ready_for(reasons: Vec<String>) -> Readiness {
+        Readiness {
+            ready: false,
+            reason: reasons.join("; "),
+            reasons,
         }
     }
 }

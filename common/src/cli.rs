@@ -199,6 +199,10 @@ pub fn execute(spec: NodeSpec, command: Command) -> Result<(), CliError> {
     }
 }
 
+/// How long the runtime's shutdown waits for blocking tasks (a store stuck closing, see
+/// `Node::shutdown`) before the process exits anyway.
+const RUNTIME_SHUTDOWN_MAX: Duration = Duration::from_secs(2);
+
 fn run(spec: NodeSpec, config: Option<PathBuf>) -> Result<(), CliError> {
     let config = NodeConfig::load(config.as_deref())?;
     crate::telemetry::init_logging(config.log.format, &config.log.filter)
@@ -212,15 +216,33 @@ fn run(spec: NodeSpec, config: Option<PathBuf>) -> Result<(), CliError> {
         crate::watchdog::exit_on_stall(),
     )
     .map_err(|err| CliError::Logging(format!("watchdog: {err}")))?;
+    let store_stall = Duration::from_millis(config.watchdog.store_stall_ms.max(1_000));
     let result = runtime.block_on(async move {
         let node = Node::start(config, spec).await?;
+        let store = node.store.clone();
+        let store_watchdog = crate::watchdog::spawn_busy(
+            Box::new(move || {
+                let health = store.health();
+                vec![
+                    ("writer", health.writer_busy),
+                    ("checkpointer", health.checkpointer_busy),
+                ]
+            }),
+            store_stall,
+            crate::watchdog::exit_on_thread_stall(),
+        )
+        .map_err(|err| CliError::Logging(format!("store watchdog: {err}")))?;
         wait_for_signal().await;
         tracing::info!("shutting down");
+        // It holds a store handle, which would keep the store open; shutdown is bounded itself.
+        drop(store_watchdog);
         node.shutdown().await;
         Ok(())
     });
     // Before the runtime winds down, or its shutdown would look like a stall.
     drop(watchdog);
+    // A blocking task stuck on the store (see `Node::shutdown`) must not hold the exit forever.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_MAX);
     result
 }
 

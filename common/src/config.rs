@@ -242,11 +242,18 @@ pub enum LogFormat {
 pub struct WatchdogSection {
     /// Exit the process when the async runtime has not turned for this long, ms.
     pub stall_ms: u64,
+    /// Exit the process when the store's writer or checkpointer has been on one piece of work
+    /// for this long, ms. Larger than readiness's writer bound (60 s): the node first stops
+    /// taking traffic, and only a thread that stays stuck is fatal.
+    pub store_stall_ms: u64,
 }
 
 impl Default for WatchdogSection {
     fn default() -> Self {
-        WatchdogSection { stall_ms: 10_000 }
+        WatchdogSection {
+            stall_ms: 10_000,
+            store_stall_ms: 300_000,
+        }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod node;
+pub mod readiness;
 pub mod store;
 pub mod telemetry;
 pub mod transport;

@@ -402,6 +402,20 @@ pub struct Metrics {
     pub ready: Gauge,
     /// `strata_caught_up`: 1 once the node has caught up with its peers, else 0.
     pub caught_up: Gauge,
+    /// `strata_not_ready{reason}`: 1 while `reason` keeps the node not ready, else 0; reasons
+    /// come from a fixed list (`readiness::Reason::label`).
+    pub not_ready: Family<ReasonLabel, Gauge>,
+
+    /// `strata_quarantined_versions`: versions this node could not apply or fetch, waiting for
+    /// their next attempt.
+    pub quarantined_versions: Gauge,
+    /// `strata_quarantined_total`: versions put into quarantine (each once).
+    pub quarantined: Counter,
+    /// `strata_quarantine_full_total`: versions not quarantined because the set was full.
+    pub quarantine_full: Counter,
+    /// `strata_sync_unservable_total`: versions skipped while serving sync because they do not
+    /// fit a frame.
+    pub sync_unservable: Counter,
 
     /// Everything above, plus `strata_build_info` and the collectors; immutable after `new`.
     registry: Registry,
@@ -590,6 +604,31 @@ impl Metrics {
                 "caught_up",
                 "1 once the node has caught up with its peers, else 0",
                 Gauge::default(),
+            ),
+            not_ready: b.add(
+                "not_ready",
+                "1 while this reason keeps the node not ready, else 0",
+                Family::default(),
+            ),
+            quarantined_versions: b.add(
+                "quarantined_versions",
+                "Versions this node could not apply or fetch, retried with back-off",
+                Gauge::default(),
+            ),
+            quarantined: b.add(
+                "quarantined",
+                "Versions put into quarantine",
+                Counter::default(),
+            ),
+            quarantine_full: b.add(
+                "quarantine_full",
+                "Versions not quarantined because the quarantine was full",
+                Counter::default(),
+            ),
+            sync_unservable: b.add(
+                "sync_unservable",
+                "Versions skipped while serving sync because they do not fit a frame",
+                Counter::default(),
             ),
 
             registry: b.finish(replication_lag_max_ms, Arc::clone(&sources)),

@@ -8,14 +8,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{self, Readiness};
+use crate::admin;
 use crate::api::{
     self, StrataService,
     subscribe::{Hub, HubConfig},
@@ -23,7 +23,8 @@ use crate::api::{
 use crate::cluster::driver::{self, Cluster, DriverOptions};
 use crate::cluster::{Core, Member};
 use crate::config::NodeConfig;
-use crate::metrics::{MetricSource, Metrics, Sample, SampleKind};
+use crate::metrics::{MetricSource, Metrics, ReasonLabel, Sample, SampleKind};
+use crate::readiness;
 use crate::store::{Schema, Store, StoreError, WallClock};
 use crate::transport::{
     PeerIdentity, Tier, TlsConfig, Transport, TransportError, TransportOptions,
@@ -31,6 +32,10 @@ use crate::transport::{
 
 /// How long shutdown waits for tasks to finish before giving up on them.
 const SHUTDOWN_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// How long shutdown waits for the store's writer to finish what is queued and close: a healthy
+/// writer drains its queue in well under a second; a stuck one never would.
+pub const STORE_CLOSE_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// What a daemon adds to the shared node machinery.
 #[derive(Clone)]
@@ -261,7 +266,11 @@ impl Node {
         };
         let api_config = config.api.clone();
         let api_cancel = cancel.clone();
+        // Readiness watches it: set while `api::serve` runs, cleared when it returns.
+        let api_serving = Arc::new(AtomicBool::new(true));
+        let api_flag = Arc::clone(&api_serving);
         crate::telemetry::spawn(&tracker, async move {
+            let _serving = ClearOnDrop(api_flag);
             if let Err(err) = api::serve(
                 api_listener,
                 service,
@@ -283,16 +292,16 @@ impl Node {
                 addr: config.admin.listen,
                 source,
             })?;
-        let (ready_tx, ready_rx) = watch::channel(Readiness {
-            ready: false,
-            reason: "starting".into(),
-        });
+        let ready_rx = cluster.watch_readiness();
         crate::telemetry::spawn(
             &tracker,
             follow_readiness(
-                cluster.clone(),
-                seeds.is_empty(),
-                ready_tx,
+                ReadinessSources {
+                    cluster: cluster.clone(),
+                    store: store.clone(),
+                    alone: seeds.is_empty(),
+                    api_serving,
+                },
                 Arc::clone(&metrics),
                 cancel.clone(),
             ),
@@ -354,8 +363,18 @@ impl Node {
         }
         self.transport.shutdown().await;
         let store = self.store;
-        // Dropping the last handle lets the writer finish and mark a clean shutdown.
-        let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+        // Dropping the last handle lets the writer finish and mark a clean shutdown; a writer
+        // stuck in a statement must not hold up the process's exit, so wait for it with a bound.
+        let closing = tokio::task::spawn_blocking(move || drop(store));
+        if tokio::time::timeout(STORE_CLOSE_WAIT_MAX, closing)
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "the store did not close within {STORE_CLOSE_WAIT_MAX:?} (its writer is stuck); \
+                 stopping without a clean shutdown mark"
+            );
+        }
     }
 }
 
@@ -395,33 +414,92 @@ async fn resolve(bootstrap: &[String], me: SocketAddr) -> Vec<SocketAddr> {
     seeds
 }
 
-/// Ready once caught up with a peer (or at once for a node with no one to catch up with).
-async fn follow_readiness(
+/// How often readiness is re-evaluated besides on every change of the cluster view: the store's
+/// threads and the API listener change state without telling anyone.
+const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Quarantined versions named in a readiness reason at most (one is enough to start looking).
+const READINESS_QUARANTINE_NAMED: usize = 1;
+
+/// Clears a flag when dropped: the API task's end, however it ends (return or panic).
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// What readiness is computed from.
+struct ReadinessSources {
     cluster: Cluster,
+    store: Store,
+    /// Started with no seeds: nothing to catch up with.
     alone: bool,
-    ready: watch::Sender<Readiness>,
+    /// Set while the API listener serves.
+    api_serving: Arc<AtomicBool>,
+}
+
+impl ReadinessSources {
+    /// A snapshot of every input of [`readiness::evaluate`].
+    fn snapshot(&self, view: &driver::ClusterView) -> readiness::Inputs {
+        let quarantine_example = self
+            .cluster
+            .quarantine_list(READINESS_QUARANTINE_NAMED)
+            .first()
+            .map(|q| format!("site {} version {}: {}", q.site, q.version, q.reason));
+        readiness::Inputs {
+            alone: self.alone,
+            caught_up: view.caught_up,
+            members: view.members.len(),
+            had_members: view.had_members,
+            sync_failing_for: view.sync_failing_since.map(|since| since.elapsed()),
+            quarantined: self.cluster.quarantined(),
+            quarantine_example,
+            api_serving: self.api_serving.load(Ordering::Relaxed),
+            store: self.store.health(),
+        }
+    }
+}
+
+/// Re-evaluates readiness on every change of the cluster view and every
+/// [`READINESS_INTERVAL`]; publishes it (for `/readyz` and `Health`), sets the gauges, and logs
+/// each change once.
+async fn follow_readiness(
+    sources: ReadinessSources,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
-    let mut view = cluster.watch();
+    let mut view = sources.cluster.watch();
+    let mut tick = tokio::time::interval(READINESS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<Vec<readiness::Reason>> = None;
     loop {
-        let caught_up = view.borrow_and_update().caught_up;
-        let state = if caught_up || alone {
-            Readiness {
-                ready: true,
-                reason: "caught up".into(),
-            }
-        } else {
-            Readiness {
-                ready: false,
-                reason: "catching up with the cluster".into(),
-            }
+        let snapshot = {
+            let view = view.borrow_and_update().clone();
+            sources.snapshot(&view)
         };
+        let (state, reasons) = readiness::evaluate(&snapshot);
         metrics.ready.set(i64::from(state.ready));
-        ready.send_replace(state);
+        for reason in readiness::Reason::ALL {
+            metrics
+                .not_ready
+                .get_or_create(&ReasonLabel::new(reason.label()))
+                .set(i64::from(reasons.contains(&reason)));
+        }
+        if last.as_ref() != Some(&reasons) {
+            if state.ready {
+                tracing::info!("ready");
+            } else {
+                tracing::warn!(reason = %state.reason, "not ready");
+            }
+            last = Some(reasons);
+        }
+        sources.cluster.set_readiness(state);
         tokio::select! {
             () = cancel.cancelled() => return,
             changed = view.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
         }
     }
 }

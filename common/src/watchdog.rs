@@ -11,6 +11,11 @@
 //! blocks it, takes no lock shared with it, and the heartbeat is one atomic store), and it must
 //! not leak: dropping the [`WatchdogGuard`] stops the thread and the task.
 //!
+//! The same thread pattern also watches threads outside the runtime ([`spawn_busy`]): a probe
+//! reports how long each watched thread (the store's writer and checkpointer) has been on its
+//! current piece of work, and one stuck beyond its bound is fatal the same way
+//! ([`exit_on_thread_stall`]).
+//!
 //! What it cannot see: on a multi-thread runtime one blocked worker is noticed only if the
 //! heartbeat task happens to be stuck behind it; it reliably catches a runtime whose every
 //! worker is stuck, and a current-thread runtime that is stuck at all. The watched runtime must
@@ -80,6 +85,78 @@ impl Drop for WatchdogGuard {
     }
 }
 
+/// Reports, for each watched thread, its name and how long it has been on its current piece of
+/// work (`None` while it waits for work). Called from the watchdog's own thread; it must not
+/// block.
+pub type BusyProbe = Box<dyn Fn() -> Vec<(&'static str, Option<Duration>)> + Send>;
+
+/// Keeps a [`spawn_busy`] watchdog running; dropping it stops (and joins) its thread.
+#[must_use = "dropping the guard stops the watchdog"]
+#[derive(Debug)]
+pub struct BusyWatchdogGuard {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for BusyWatchdogGuard {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take()
+            && thread.thread().id() != thread::current().id()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Starts watching threads through `probe`: when one reports being busy for longer than
+/// `stall`, checked every `stall / 10` (at least 10 ms), the watchdog logs an error naming it and
+/// calls `on_stall` once with how long it has been busy.
+///
+/// # Errors
+///
+/// As [`spawn`]; nothing runs then.
+pub fn spawn_busy(
+    probe: BusyProbe,
+    stall: Duration,
+    on_stall: OnStall,
+) -> Result<BusyWatchdogGuard, WatchdogError> {
+    if stall < STALL_MIN {
+        return Err(WatchdogError::StallTooShort(stall));
+    }
+    let period = (stall / 10).max(PERIOD_MIN);
+    let (stop, stopped) = mpsc::channel::<()>();
+    let thread = thread::Builder::new()
+        .name("strata-watchdog-threads".into())
+        .spawn(move || {
+            loop {
+                match stopped.recv_timeout(period) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                }
+                let stuck = probe()
+                    .into_iter()
+                    .find_map(|(name, busy)| busy.filter(|b| *b > stall).map(|b| (name, b)));
+                if let Some((name, busy)) = stuck {
+                    tracing::error!(
+                        thread = name,
+                        busy_ms = millis(busy),
+                        stall_ms = millis(stall),
+                        "a watched thread has been on one piece of work for longer than the \
+                         stall threshold"
+                    );
+                    on_stall(busy);
+                    return;
+                }
+            }
+        })
+        .map_err(WatchdogError::Thread)?;
+    Ok(BusyWatchdogGuard {
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
 /// Starts watching the runtime behind `handle`: a stall is a heartbeat older than `stall`,
 /// checked every `stall / 10` (at least 10 ms).
 ///
@@ -132,6 +209,19 @@ pub fn exit_on_stall() -> OnStall {
             age_ms = millis(age),
             code = STALL_EXIT_CODE,
             "exiting: the async runtime stalled"
+        );
+        std::process::exit(STALL_EXIT_CODE)
+    })
+}
+
+/// An `on_stall` for production's thread watchdog ([`spawn_busy`]): logs and exits the process
+/// with [`STALL_EXIT_CODE`], like [`exit_on_stall`].
+pub fn exit_on_thread_stall() -> OnStall {
+    Box::new(|busy| {
+        tracing::error!(
+            busy_ms = millis(busy),
+            code = STALL_EXIT_CODE,
+            "exiting: a store thread is stuck"
         );
         std::process::exit(STALL_EXIT_CODE)
     })
@@ -270,6 +360,40 @@ mod tests {
             );
             thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn a_thread_busy_past_the_bound_triggers_the_callback_once_and_an_idle_one_never() {
+        let stall = Duration::from_millis(100);
+        let started = Instant::now();
+        // "writer" idles, "checkpointer" turns busy after a moment and stays busy.
+        let probe: BusyProbe = Box::new(move || {
+            let elapsed = started.elapsed();
+            vec![
+                ("writer", None),
+                (
+                    "checkpointer",
+                    elapsed.checked_sub(Duration::from_millis(50)),
+                ),
+            ]
+        });
+        let (on_stall, stalls) = reporter();
+        let guard = spawn_busy(probe, stall, on_stall).unwrap();
+        let busy = stalls
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no stall reported within 10 s");
+        assert!(busy > stall, "reported {busy:?}, not beyond {stall:?}");
+        drop(guard);
+        assert_eq!(stalls.try_recv(), Err(TryRecvError::Disconnected));
+
+        let (on_stall, stalls) = reporter();
+        let idle: BusyProbe = Box::new(|| vec![("writer", Some(Duration::from_millis(1)))]);
+        let guard = spawn_busy(idle, stall, on_stall).unwrap();
+        assert_eq!(
+            stalls.recv_timeout(stall * 4),
+            Err(RecvTimeoutError::Timeout)
+        );
+        drop(guard);
     }
 
     #[test]

@@ -183,6 +183,7 @@ impl StrataService {
 
     async fn health_inner(&self) -> Result<pb::HealthResponse, Status> {
         let view = self.cluster.view();
+        let readiness = self.cluster.readiness();
         let site = self.store.site();
         let books = self.store.bookkeeping();
         let gaps: u64 = books
@@ -208,6 +209,9 @@ impl StrataService {
             site: site.0.to_vec(),
             head: self.store.head(),
             schema_fingerprint: self.store.schema().fingerprint(),
+            ready: readiness.ready,
+            not_ready_reasons: readiness.reasons,
+            quarantined: self.cluster.quarantined() as u64,
         })
     }
 }

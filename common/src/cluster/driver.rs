@@ -34,9 +34,11 @@ use super::message::{
     self, Changes, KIND_CHANGES, KIND_SWIM, KIND_SYNC_REPLY, KIND_SYNC_REQUEST, SyncReply,
     SyncRequest,
 };
+use super::quarantine::{Quarantine, Quarantined, Recorded};
 use super::sync;
+use crate::admin::Readiness;
 use crate::metrics::{Metrics, ReasonLabel, Role, RoleLabel, SyncLabels, SyncResult, ViaLabel};
-use crate::store::{Changeset, Store};
+use crate::store::{Changeset, SiteId, Store};
 use crate::transport::{
     Conn, Frame, PeerIdentity, Transport, decode_datagram, encode, encode_datagram, read_frame,
     write_frame,
@@ -91,14 +93,23 @@ pub struct ClusterView {
     pub members: Vec<(Member, Option<PeerIdentity>)>,
     /// Whether a sync session found this node holding everything its peer held.
     pub caught_up: bool,
+    /// Whether this node has ever seen another member live.
+    pub had_members: bool,
+    /// Since when every sync session has failed (none succeeded since); `None` while sessions
+    /// succeed or none has run.
+    pub sync_failing_since: Option<Instant>,
 }
 
 /// Application-level fault injection: everything to and from a blocked peer is dropped
 /// (packets, pushes, sync sessions), as if the network between them were cut. For partition
 /// tests, and for an operator who must isolate a misbehaving peer by hand.
+///
+/// It can also make this node refuse to apply given versions, as if its store rejected them: for
+/// quarantine tests (a version every receiver rejects).
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     blocked: Arc<std::sync::RwLock<std::collections::HashSet<SocketAddr>>>,
+    refused: Arc<std::sync::RwLock<std::collections::HashSet<(SiteId, u64)>>>,
 }
 
 impl Faults {
@@ -110,12 +121,45 @@ impl Faults {
             .insert(peer);
     }
 
-    /// Heals every cut.
+    /// Heals every cut and accepts every version again.
     pub fn clear(&self) {
         self.blocked
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clear();
+        self.refused
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Makes this node refuse to apply `version` of `site`, as if its store rejected it.
+    pub fn refuse(&self, site: SiteId, version: u64) {
+        self.refused
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((site, version));
+    }
+
+    /// Takes the changesets this node refuses out of `batch`.
+    fn take_refused(&self, batch: &mut Vec<Changeset>) -> Vec<(SiteId, u64)> {
+        let refused = self
+            .refused
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if refused.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        batch.retain(|c| {
+            let key = (c.site, c.version);
+            let keep = !refused.contains(&key);
+            if !keep && !out.contains(&key) {
+                out.push(key);
+            }
+            keep
+        });
+        out
     }
 
     /// Whether `peer` is cut off.
@@ -133,6 +177,8 @@ impl Faults {
 pub struct Cluster {
     view: watch::Receiver<ClusterView>,
     faults: Faults,
+    quarantine: Arc<std::sync::Mutex<Quarantine>>,
+    readiness: Arc<watch::Sender<Readiness>>,
 }
 
 impl Cluster {
@@ -150,6 +196,40 @@ impl Cluster {
     pub fn watch(&self) -> watch::Receiver<ClusterView> {
         self.view.clone()
     }
+
+    /// How many versions are quarantined (could not be applied or served; retried on a
+    /// back-off).
+    pub fn quarantined(&self) -> usize {
+        lock(&self.quarantine).len()
+    }
+
+    /// The first `max` quarantined versions with their reasons.
+    pub fn quarantine_list(&self, max: usize) -> Vec<Quarantined> {
+        lock(&self.quarantine).list(max)
+    }
+
+    /// The node's readiness, as its readiness task last computed it.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.borrow().clone()
+    }
+
+    /// Publishes the node's readiness (the node's readiness task calls this).
+    pub fn set_readiness(&self, readiness: Readiness) {
+        self.readiness.send_replace(readiness);
+    }
+
+    /// A receiver that sees every change of the node's readiness.
+    pub fn watch_readiness(&self) -> watch::Receiver<Readiness> {
+        self.readiness.subscribe()
+    }
+}
+
+/// Locks the quarantine; a poisoned lock still holds a consistent set (every update is one
+/// map operation).
+fn lock(quarantine: &std::sync::Mutex<Quarantine>) -> std::sync::MutexGuard<'_, Quarantine> {
+    quarantine
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 enum Event {
@@ -188,6 +268,7 @@ struct Shared {
     sync: sync::SyncConfig,
     chunk_bytes: usize,
     faults: Faults,
+    quarantine: Arc<std::sync::Mutex<Quarantine>>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -210,8 +291,10 @@ pub fn spawn(
     });
     let sync = core.sync_config().clone();
     let faults = Faults::default();
+    let quarantine = Arc::new(std::sync::Mutex::new(Quarantine::new()));
     let shared = Arc::new(Shared {
         faults: faults.clone(),
+        quarantine: Arc::clone(&quarantine),
         chunk_bytes: store.options().chunk_bytes,
         transport,
         store,
@@ -236,11 +319,15 @@ pub fn spawn(
         peers: HashMap::new(),
         identities: HashMap::new(),
         view: view_tx,
+        had_members: false,
+        sync_failing_since: None,
     };
     crate::telemetry::spawn(&tracker, driver.run());
     Cluster {
         view: view_rx,
         faults,
+        quarantine,
+        readiness: Arc::new(watch::channel(Readiness::default()).0),
     }
 }
 
@@ -252,6 +339,8 @@ struct Driver {
     peers: HashMap<SocketAddr, mpsc::Sender<Outgoing>>,
     identities: HashMap<SocketAddr, PeerIdentity>,
     view: watch::Sender<ClusterView>,
+    had_members: bool,
+    sync_failing_since: Option<Instant>,
 }
 
 impl Driver {
@@ -304,6 +393,11 @@ impl Driver {
                 complete,
                 failed,
             } => {
+                if failed {
+                    self.sync_failing_since.get_or_insert_with(Instant::now);
+                } else {
+                    self.sync_failing_since = None;
+                }
                 let actions = self.core.handle(
                     Input::SyncFinished {
                         peer,
@@ -418,6 +512,7 @@ impl Driver {
     fn on_member(&mut self, event: MemberEvent) {
         match event {
             MemberEvent::Up(member) => {
+                self.had_members = true;
                 tracing::info!(addr = %member.addr, incarnation = member.incarnation, "member up");
                 self.shared
                     .metrics
@@ -458,6 +553,8 @@ impl Driver {
             me: Some(self.core.me()),
             members,
             caught_up,
+            had_members: self.had_members,
+            sync_failing_since: self.sync_failing_since,
         });
     }
 
@@ -764,8 +861,22 @@ async fn apply_worker(shared: Arc<Shared>, mut queue: mpsc::Receiver<Vec<Changes
     }
 }
 
-/// Applies changesets and records batch size, latency and replication lag.
-async fn apply(shared: &Shared, batch: Vec<Changeset>) {
+/// Applies changesets and records batch size, latency and replication lag. A version the store
+/// rejects is quarantined; a quarantined version waiting for its next attempt is not tried.
+async fn apply(shared: &Shared, mut batch: Vec<Changeset>) {
+    {
+        let quarantine = lock(&shared.quarantine);
+        if !quarantine.is_empty() {
+            let now = Instant::now();
+            batch.retain(|c| quarantine.due(c.site, c.version, now));
+        }
+    }
+    for (site, version) in shared.faults.take_refused(&mut batch) {
+        quarantine_version(shared, site, version, "refused by fault injection");
+    }
+    if batch.is_empty() {
+        return;
+    }
     let started = Instant::now();
     let stamps: HashMap<(crate::store::SiteId, u64), u64> = batch
         .iter()
@@ -797,11 +908,51 @@ async fn apply(shared: &Shared, batch: Vec<Changeset>) {
             if !applied.versions.is_empty() {
                 shared.metrics.replication_lag_max_ms.set(worst as i64);
             }
-            for rejected in &applied.rejected {
-                tracing::warn!(site = %rejected.site, version = rejected.version, reason = %rejected.reason, "rejected changeset");
+            let mut quarantine = lock(&shared.quarantine);
+            let mut cleared = false;
+            for &(site, version) in &applied.versions {
+                cleared |= quarantine.cleared(site, version);
             }
+            if cleared {
+                tracing::info!(
+                    quarantined = quarantine.len(),
+                    "a quarantined version was applied"
+                );
+            }
+            drop(quarantine);
+            for rejected in &applied.rejected {
+                quarantine_version(shared, rejected.site, rejected.version, &rejected.reason);
+            }
+            shared
+                .metrics
+                .quarantined_versions
+                .set(lock(&shared.quarantine).len() as i64);
         }
         Err(err) => tracing::error!(error = %err, "applying changes failed"),
+    }
+}
+
+/// Puts a version this node could not apply or fetch into quarantine: logged at WARN and counted
+/// the first time, rescheduled further out each time after.
+fn quarantine_version(shared: &Shared, site: SiteId, version: u64, reason: &str) {
+    let mut quarantine = lock(&shared.quarantine);
+    let recorded = quarantine.record(site, version, reason, Instant::now(), &mut rand::rng());
+    let count = quarantine.len();
+    drop(quarantine);
+    shared.metrics.quarantined_versions.set(count as i64);
+    match recorded {
+        Recorded::New => {
+            shared.metrics.quarantined.inc();
+            tracing::warn!(%site, version, %reason, quarantined = count,
+                "quarantined a version this node cannot apply; it is retried with back-off");
+        }
+        Recorded::Again => {
+            tracing::debug!(%site, version, %reason, "a quarantined version failed again");
+        }
+        Recorded::Full => {
+            shared.metrics.quarantine_full.inc();
+            tracing::debug!(%site, version, %reason, "quarantine full; version not recorded");
+        }
     }
 }
 
@@ -865,8 +1016,9 @@ async fn sync_client(shared: &Shared, peer: SocketAddr) -> Result<SyncOutcome, S
     }
     let conn = shared.transport.connect(peer).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
+    let masked = lock(&shared.quarantine).masked(Instant::now());
     let request = SyncRequest {
-        sites: shared.store.bookkeeping(),
+        sites: sync::mask(&shared.store.bookkeeping(), &masked),
     };
     let payload = message::encode(&request).map_err(|e| SyncError::Malformed(e.to_string()))?;
     write_frame(
@@ -903,6 +1055,14 @@ async fn sync_client(shared: &Shared, peer: SocketAddr) -> Result<SyncOutcome, S
                     .get_or_create(&via)
                     .inc_by(frame.payload.len() as u64);
                 apply(shared, changesets).await;
+            }
+            SyncReply::Unservable {
+                site,
+                version,
+                reason,
+            } => {
+                let reason = format!("peer {peer} cannot serve it: {reason}");
+                quarantine_version(shared, site, version, &reason);
             }
             SyncReply::Done { complete: true } => return Ok(SyncOutcome::Complete),
             SyncReply::Done { complete: false } => return Ok(SyncOutcome::Partial),
@@ -1001,16 +1161,41 @@ async fn serve_sync(
             .await
             .map_err(|e| SyncError::Malformed(format!("extraction task: {e}")))??;
         for changeset in changesets {
-            size += changeset
-                .changes
-                .iter()
-                .map(|c| c.size_hint())
-                .sum::<usize>()
-                + 64;
-            batch.push(changeset);
-            if size >= shared.sync.frame_bytes_max {
-                send_reply(&mut send, &SyncReply::Changes(std::mem::take(&mut batch))).await?;
-                size = 0;
+            let (site, version) = (changeset.site, changeset.version);
+            // Chunked like a push, so a large version spans frames; a version with a chunk that
+            // still does not fit a frame (one huge cell) is skipped and reported, not the session
+            // failed.
+            let chunks: Vec<(Changeset, usize)> = changeset
+                .chunked(shared.chunk_bytes)
+                .into_iter()
+                .map(|chunk| {
+                    let size = chunk.changes.iter().map(|c| c.size_hint()).sum::<usize>() + 64;
+                    (chunk, size)
+                })
+                .collect();
+            if let Some(reason) = chunks.iter().find_map(|(chunk, chunk_size)| {
+                unservable(chunk, *chunk_size, shared.options.frame_bytes_max)
+            }) {
+                shared.metrics.sync_unservable.inc();
+                tracing::warn!(%site, version, %reason, "cannot serve a version over sync; skipped");
+                send_reply(
+                    &mut send,
+                    &SyncReply::Unservable {
+                        site,
+                        version,
+                        reason,
+                    },
+                )
+                .await?;
+                continue;
+            }
+            for (chunk, chunk_size) in chunks {
+                if size + chunk_size > shared.sync.frame_bytes_max && !batch.is_empty() {
+                    send_reply(&mut send, &SyncReply::Changes(std::mem::take(&mut batch))).await?;
+                    size = 0;
+                }
+                size += chunk_size;
+                batch.push(chunk);
             }
         }
     }
@@ -1022,8 +1207,68 @@ async fn serve_sync(
     Ok(complete)
 }
 
+/// Why `chunk` cannot be sent in a sync frame of at most `frame_bytes_max` bytes, if it cannot.
+/// Encodes it only when its estimate comes near the limit.
+fn unservable(chunk: &Changeset, estimate: usize, frame_bytes_max: usize) -> Option<String> {
+    // Room for the reply's envelope and the frame header.
+    const ENVELOPE_BYTES: usize = 64;
+    if estimate + ENVELOPE_BYTES < frame_bytes_max / 2 {
+        return None;
+    }
+    let reply = SyncReply::Changes(vec![chunk.clone()]);
+    match message::encode(&reply) {
+        Ok(payload) if payload.len() + ENVELOPE_BYTES <= frame_bytes_max => None,
+        Ok(payload) => Some(format!(
+            "its encoding is {} bytes, over the sync frame limit of {frame_bytes_max} bytes",
+            payload.len()
+        )),
+        Err(err) => Some(format!("it cannot be encoded: {err}")),
+    }
+}
+
 async fn send_reply(send: &mut quinn::SendStream, reply: &SyncReply) -> Result<(), SyncError> {
     let payload = message::encode(reply).map_err(|e| SyncError::Malformed(e.to_string()))?;
     write_frame(send, &Frame::new(KIND_SYNC_REPLY, Bytes::from(payload))).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Change, Timestamp, Value};
+
+    fn changeset(cell_bytes: usize) -> Changeset {
+        Changeset {
+            site: SiteId([1; 16]),
+            version: 3,
+            ts: Timestamp::default(),
+            seq_first: 0,
+            seq_last: 0,
+            last_seq: 0,
+            changes: vec![Change {
+                table: "t".into(),
+                pk: vec![0],
+                column: Some("c".into()),
+                value: Value::Blob(vec![7; cell_bytes]),
+                cl: 1,
+                seq: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_version_over_the_frame_limit_is_unservable_and_one_under_it_is_not() {
+        let small = changeset(1_000);
+        let size = small.changes[0].size_hint() + 64;
+        assert_eq!(unservable(&small, size, 64 << 10), None);
+        // Near the limit it is measured exactly: still fits.
+        assert_eq!(unservable(&small, size, 1_200), None);
+        let big = changeset(100_000);
+        let size = big.changes[0].size_hint() + 64;
+        let reason = unservable(&big, size, 64 << 10).expect("over the limit");
+        assert!(
+            reason.contains("over the sync frame limit of 65536"),
+            "{reason}"
+        );
+    }
 }

@@ -45,6 +45,16 @@ pub enum SyncReply {
     },
     /// The server has too many sessions; try another peer later.
     Busy,
+    /// A version the client lacks that the server cannot send (it does not fit a frame); the
+    /// session goes on without it and the client quarantines it.
+    Unservable {
+        /// The version's origin.
+        site: crate::store::SiteId,
+        /// The version.
+        version: u64,
+        /// Why, in words.
+        reason: String,
+    },
 }
 
 /// Encodes a message for a frame payload.

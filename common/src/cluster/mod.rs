@@ -17,6 +17,7 @@ pub mod core;
 pub mod driver;
 pub mod membership;
 pub mod message;
+pub mod quarantine;
 pub mod sync;
 
 pub use self::broadcast::Strategy;

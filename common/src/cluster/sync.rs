@@ -100,6 +100,43 @@ pub fn missing(ours: &[SiteState], theirs: &[SiteState]) -> Vec<(SiteId, RangeIn
     out
 }
 
+/// `books` as if the versions in `held` were held completely: a client leaves out of its request
+/// what it does not want sent yet (quarantined versions waiting for their next attempt), so the
+/// server skips them and serves everything else.
+pub fn mask(books: &[SiteState], held: &[(SiteId, u64)]) -> Vec<SiteState> {
+    let mut out: Vec<SiteState> = books.to_vec();
+    for &(site, version) in held {
+        if version == 0 {
+            continue;
+        }
+        let index = match out.iter().position(|s| s.site == site) {
+            Some(index) => index,
+            None => {
+                out.push(SiteState {
+                    site,
+                    head: 0,
+                    gaps: Vec::new(),
+                    partials: Vec::new(),
+                });
+                out.len() - 1
+            }
+        };
+        let state = &mut out[index];
+        let mut gaps: RangeInclusiveSet<u64> = state.gaps.iter().cloned().collect();
+        if version > state.head {
+            if version > state.head + 1 {
+                gaps.insert(state.head + 1..=version - 1);
+            }
+            state.head = version;
+        } else {
+            gaps.remove(version..=version);
+        }
+        state.gaps = gaps.iter().cloned().collect();
+        state.partials.retain(|&p| p != version);
+    }
+    out
+}
+
 /// Cuts `missing` ranges to at most `budget` versions in all, keeping the newest, and splits them
 /// into windows of at most `window` versions (one extraction each).
 pub fn plan(
@@ -282,6 +319,21 @@ mod tests {
     fn nothing_is_missing_between_equals() {
         let both = vec![state(1, 10, vec![4..=5], vec![7])];
         assert!(missing(&both, &both).is_empty());
+    }
+
+    #[test]
+    fn masked_versions_are_not_served_but_the_ones_around_them_are() {
+        let ours = vec![state(1, 10, vec![], vec![])];
+        let theirs = vec![state(1, 3, vec![2..=2], vec![])];
+        let masked = mask(&theirs, &[(SiteId([1; 16]), 2), (SiteId([1; 16]), 6)]);
+        assert_eq!(masked, vec![state(1, 6, vec![4..=5], vec![])]);
+        assert_eq!(
+            missing(&ours, &masked),
+            vec![(SiteId([1; 16]), 7..=10), (SiteId([1; 16]), 4..=5)]
+        );
+        // A site the client has never heard of: only the masked version is left out.
+        let masked = mask(&[], &[(SiteId([1; 16]), 10)]);
+        assert_eq!(missing(&ours, &masked), vec![(SiteId([1; 16]), 1..=9)]);
     }
 
     #[test]

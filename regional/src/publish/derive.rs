@@ -3,9 +3,11 @@
 //! The query is the operator's (`publish.derivation`); its answer crosses into the global tier,
 //! so it is checked here, before anything is sent: exactly the columns `app, machines, started,
 //! stopped, other`; a non-empty app name of at most [`APP_LEN_MAX`] bytes, once; counts that are
-//! integers of at least zero; at most `apps_max` apps. Anything else fails the whole derivation:
-//! the publisher keeps what globald holds and tries again later. A region's bad row must never
-//! turn into a wrong or wiped global map.
+//! integers of at least zero; at most `apps_max` apps. A row that fails its checks is left out
+//! and described (one poison row must not stop every other app of the region from publishing);
+//! an answer wrong as a whole (other columns, too many rows) fails the derivation: the publisher
+//! keeps what globald holds and tries again later. A region's bad row must never turn into a
+//! wrong or wiped global map.
 
 use strata_common::store::{Rows, Store, Value};
 
@@ -42,14 +44,29 @@ pub fn check(store: &Store, sql: &str) -> Result<(), String> {
         })
 }
 
+/// A derivation's checked answer: the apps to publish, and the problems of the rows left out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Derived {
+    /// The apps that passed every check.
+    pub map: AppMap,
+    /// Rows left out.
+    pub skipped_rows: usize,
+    /// What was wrong with them, one line per distinct problem (no row numbers: the same problem
+    /// reads the same in every derivation, so it can be logged once).
+    pub problems: Vec<String>,
+}
+
 /// Runs the derivation and checks its answer.
-pub fn derive(store: &Store, sql: &str, apps_max: usize) -> Result<AppMap, String> {
+pub fn derive(store: &Store, sql: &str, apps_max: usize) -> Result<Derived, String> {
     let rows = store.query(sql, &[]).map_err(|err| err.to_string())?;
     to_map(rows, apps_max)
 }
 
-/// Checks a derivation's rows and turns them into a map.
-pub fn to_map(rows: Rows, apps_max: usize) -> Result<AppMap, String> {
+/// Checks a derivation's rows and turns them into a map. A row that cannot be published (no
+/// app name, a name over [`APP_LEN_MAX`], a count that is not an integer of at least zero, an
+/// app named twice: every row of it) is left out and described; the rest is published. Only an
+/// answer that is wrong as a whole (other columns, more than `apps_max` rows) fails.
+pub fn to_map(rows: Rows, apps_max: usize) -> Result<Derived, String> {
     if rows.columns != COLUMNS {
         return Err(format!(
             "the derivation returned columns {:?}, not {COLUMNS:?}",
@@ -62,40 +79,89 @@ pub fn to_map(rows: Rows, apps_max: usize) -> Result<AppMap, String> {
             rows.rows.len()
         ));
     }
-    let mut map = AppMap::new();
-    for (index, row) in rows.rows.into_iter().enumerate() {
-        let [app, machines, started, stopped, other] = <[Value; 5]>::try_from(row)
-            .map_err(|row| format!("row {index} has {} values", row.len()))?;
-        let app = match app {
-            Value::Text(app) if !app.is_empty() && app.len() <= APP_LEN_MAX => app,
-            Value::Text(app) if app.is_empty() => {
-                return Err(format!("row {index}: the app name is empty"));
+    let mut derived = Derived::default();
+    let mut problems = std::collections::BTreeSet::new();
+    // Apps seen more than once, with how often: every row of them is left out.
+    let mut seen: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for row in rows.rows {
+        match check_row(row) {
+            Ok((app, counts)) => {
+                *seen.entry(app.clone()).or_default() += 1;
+                derived.map.insert(app, counts);
             }
-            Value::Text(app) => {
-                return Err(format!(
-                    "row {index}: the app name is {} bytes, over {APP_LEN_MAX}",
-                    app.len()
-                ));
+            Err(problem) => {
+                derived.skipped_rows += 1;
+                problems.insert(problem);
             }
-            other => return Err(format!("row {index}: the app is {other:?}, not text")),
-        };
-        let count = |column: &str, value: Value| match value {
-            Value::Integer(n) if n >= 0 => Ok(n as u64),
-            other => Err(format!(
-                "row {index} ({app}): {column} is {other:?}, not a count"
-            )),
-        };
-        let counts = Counts {
-            machines: count("machines", machines)?,
-            started: count("started", started)?,
-            stopped: count("stopped", stopped)?,
-            other: count("other", other)?,
-        };
-        if map.insert(app.clone(), counts).is_some() {
-            return Err(format!("row {index}: app {app:?} appears twice"));
         }
     }
-    Ok(map)
+    for (app, times) in seen {
+        if times > 1 {
+            derived.map.remove(&app);
+            derived.skipped_rows += times;
+            problems.insert(format!("app {app:?} appears {times} times"));
+        }
+    }
+    derived.problems = problems.into_iter().collect();
+    Ok(derived)
+}
+
+/// One row's app name and counts, or what is wrong with it.
+fn check_row(row: Vec<Value>) -> Result<(String, Counts), String> {
+    let [app, machines, started, stopped, other] =
+        <[Value; 5]>::try_from(row).map_err(|row| format!("a row has {} values", row.len()))?;
+    let app = match app {
+        Value::Text(app) if !app.is_empty() && app.len() <= APP_LEN_MAX => app,
+        Value::Text(app) if app.is_empty() => {
+            return Err("a row's app name is empty".into());
+        }
+        Value::Text(app) => {
+            let mut end = 32;
+            while !app.is_char_boundary(end) {
+                end -= 1;
+            }
+            return Err(format!(
+                "app {:?}… is {} bytes, over {APP_LEN_MAX}",
+                &app[..end],
+                app.len()
+            ));
+        }
+        other => return Err(format!("a row's app is {}, not text", kind(&other))),
+    };
+    let count = |column: &str, value: Value| match value {
+        Value::Integer(n) if n >= 0 => Ok(n as u64),
+        other => Err(format!(
+            "app {app:?}: {column} is {}, not a count",
+            describe(&other)
+        )),
+    };
+    let counts = Counts {
+        machines: count("machines", machines)?,
+        started: count("started", started)?,
+        stopped: count("stopped", stopped)?,
+        other: count("other", other)?,
+    };
+    Ok((app, counts))
+}
+
+/// A value's type in words.
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "NULL",
+        Value::Integer(_) => "an integer",
+        Value::Real(_) => "a real",
+        Value::Text(_) => "text",
+        Value::Blob(_) => "a blob",
+    }
+}
+
+/// A short description of a value that is not a count (never a whole blob or long text).
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Integer(n) => n.to_string(),
+        Value::Real(r) => r.to_string(),
+        other => kind(other).to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -121,7 +187,7 @@ mod tests {
 
     #[test]
     fn good_rows_become_a_map() {
-        let map = to_map(
+        let derived = to_map(
             rows(vec![
                 row(Value::Text("web".into()), 2),
                 row(Value::Text("db".into()), 1),
@@ -129,27 +195,72 @@ mod tests {
             10,
         )
         .unwrap();
-        assert_eq!(map.len(), 2);
-        assert_eq!(map["web"].started, 2);
+        assert_eq!(derived.map.len(), 2);
+        assert_eq!(derived.map["web"].started, 2);
+        assert_eq!(derived.skipped_rows, 0);
+        assert!(derived.problems.is_empty());
     }
 
     #[test]
-    fn each_bad_answer_fails_the_whole_derivation_naming_what_is_wrong() {
+    fn each_bad_row_is_skipped_and_named_while_the_good_rows_are_kept() {
+        let good = || row(Value::Text("good".into()), 3);
         let cases = [
-            (rows(vec![row(Value::Text(String::new()), 1)]), "empty"),
-            (rows(vec![row(Value::Null, 1)]), "not text"),
-            (rows(vec![row(Value::Text("x".repeat(256)), 1)]), "over 255"),
+            (vec![row(Value::Text(String::new()), 1)], 1, "empty"),
+            (vec![row(Value::Null, 1)], 1, "not text"),
+            (vec![row(Value::Text("x".repeat(256)), 1)], 1, "over 255"),
             (
-                rows(vec![row(Value::Text("web".into()), -1)]),
-                "not a count",
+                vec![row(Value::Text("web".into()), -1)],
+                1,
+                "-1, not a count",
             ),
+            (vec![row(Value::Real(1.5), 1)], 1, "not text"),
             (
-                rows(vec![
+                vec![
                     row(Value::Text("web".into()), 1),
                     row(Value::Text("web".into()), 2),
-                ]),
-                "twice",
+                ],
+                2,
+                "appears 2 times",
             ),
+            (vec![vec![Value::Text("short".into())]], 1, "1 values"),
+        ];
+        for (bad, skipped, expected) in cases {
+            let mut values = vec![good()];
+            values.extend(bad);
+            let derived = to_map(rows(values), 10).unwrap();
+            assert_eq!(
+                derived.map.keys().collect::<Vec<_>>(),
+                vec!["good"],
+                "{expected}"
+            );
+            assert_eq!(derived.skipped_rows, skipped, "{expected}");
+            assert_eq!(derived.problems.len(), 1, "{:?}", derived.problems);
+            assert!(
+                derived.problems[0].contains(expected),
+                "{:?} should say {expected:?}",
+                derived.problems
+            );
+        }
+    }
+
+    #[test]
+    fn the_same_problem_in_many_rows_is_described_once() {
+        let values = (0..5)
+            .map(|_| row(Value::Text(String::new()), 1))
+            .chain([row(Value::Text("web".into()), 1)])
+            .collect();
+        let derived = to_map(rows(values), 10).unwrap();
+        assert_eq!(derived.skipped_rows, 5);
+        assert_eq!(
+            derived.problems,
+            vec!["a row's app name is empty".to_string()]
+        );
+        assert_eq!(derived.map.len(), 1);
+    }
+
+    #[test]
+    fn an_answer_wrong_as_a_whole_still_fails_naming_what_is_wrong() {
+        let cases = [
             (
                 rows(
                     (0..3)

@@ -35,6 +35,21 @@ use tokio_util::task::TaskTracker;
 
 use logic::{Action, Input, Publication, Publisher, Settings, Timer, TimerKind};
 
+/// Logs each problem of a derivation's rows that the previous derivation did not have (once per
+/// distinct problem while it lasts, not per row per derivation), and when they are all gone.
+fn log_new_problems(logged: &std::sync::Mutex<Vec<String>>, problems: &[String]) {
+    let mut last = logged
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for problem in problems.iter().filter(|p| !last.contains(p)) {
+        tracing::warn!(%problem, "derivation rows skipped; the region's other apps are published");
+    }
+    if problems.is_empty() && !last.is_empty() {
+        tracing::info!("the derivation's rows are all publishable again");
+    }
+    *last = problems.to_vec();
+}
+
 /// Results of derivations and publishes waiting for the publisher task. One call is in flight
 /// at a time, so one slot would do; a few spare ones cost nothing.
 const RESULTS_LEN: usize = 4;
@@ -46,8 +61,12 @@ pub struct PublishStats {
     pub publisher: AtomicU64,
     /// Derivations run.
     pub derivations: AtomicU64,
-    /// Derivations that failed (the query, or a check of its answer).
+    /// Derivations that failed (the query, or a check of its answer as a whole).
     pub derive_failures: AtomicU64,
+    /// Rows left out of derivations because they could not be published (all derivations).
+    pub skipped_rows: AtomicU64,
+    /// Rows the last derivation left out.
+    pub skipped_rows_last: AtomicU64,
     /// Publishes globald acknowledged.
     pub publishes: AtomicU64,
     /// Publishes that failed.
@@ -96,6 +115,16 @@ impl MetricSource for PublishStats {
                 "strata_publish_derive_failures",
                 "Derivations that failed (query error or a bad answer).",
                 get(&self.derive_failures),
+            ),
+            counter(
+                "strata_publish_skipped_rows",
+                "Derivation rows left out because they could not be published.",
+                get(&self.skipped_rows),
+            ),
+            gauge(
+                "strata_publish_skipped_rows_last",
+                "Rows the last derivation left out.",
+                get(&self.skipped_rows_last),
             ),
             counter(
                 "strata_publish_publishes",
@@ -196,6 +225,7 @@ pub fn start(services: &Services<'_>) -> Result<(), NodeError> {
         stats: Arc::clone(&stats),
         timers: [None, None],
         tracker: services.tracker.clone(),
+        skipped_logged: Arc::default(),
     };
     let view = services.cluster.watch();
     let commits = services.store.subscribe();
@@ -238,6 +268,8 @@ struct Driver {
     timers: [Option<(Instant, Timer)>; 2],
     /// Derivations and publishes run as tasks of the node.
     tracker: TaskTracker,
+    /// The last derivation's row problems, so each is logged once while it lasts.
+    skipped_logged: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Driver {
@@ -335,6 +367,7 @@ impl Driver {
         let sql = self.config.derivation.clone();
         let apps_max = self.config.apps_max;
         let stats = Arc::clone(&self.stats);
+        let logged = Arc::clone(&self.skipped_logged);
         strata_common::telemetry::spawn(&self.tracker, async move {
             let result =
                 tokio::task::spawn_blocking(move || derive::derive(&store, &sql, apps_max))
@@ -343,6 +376,14 @@ impl Driver {
             if result.is_err() {
                 PublishStats::add(&stats.derive_failures, 1);
             }
+            let result = result.map(|derived| {
+                PublishStats::add(&stats.skipped_rows, derived.skipped_rows as u64);
+                stats
+                    .skipped_rows_last
+                    .store(derived.skipped_rows as u64, Ordering::Relaxed);
+                log_new_problems(&logged, &derived.problems);
+                derived.map
+            });
             // The publisher task owns the receiver; if it is gone the node is stopping.
             let _ = results.send(Input::Derived(result)).await;
         });

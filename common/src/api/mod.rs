@@ -220,8 +220,8 @@ pub async fn serve(
             // The builder's `tcp_nodelay` applies only to listeners it binds itself. Without
             // it, the last frame of a streamed answer (the trailers) waits for the client's
             // delayed ACK: 40 ms.
-            let incoming = TcpListenerStream::new(listener)
-                .map(|accepted| accepted.inspect(|stream| set_nodelay(stream)));
+            let incoming =
+                TcpListenerStream::new(listener).map(|accepted| accepted.inspect(set_nodelay));
             router
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await?;

@@ -29,9 +29,9 @@ use crate::config::{NodeConfig, TlsSection};
 use crate::metrics::{CertLabel, MetricSource, Metrics, Sample, SampleKind};
 use crate::store::{Schema, Store, StoreError, WallClock};
 use crate::transport::{
-    CertState, CertStatus, CertWatcher, LoadedTls, PeerIdentity, Tier, TlsConfig, TlsFiles,
-    Transport, TransportError, TransportOptions, TransportStats, WatchOptions, WatchedCert,
-    load_checked,
+    CertState, CertStatus, CertWatcher, ChainCheck, LoadedTls, PeerIdentity, Tier, TlsConfig,
+    TlsFiles, Transport, TransportError, TransportOptions, TransportStats, WatchOptions,
+    WatchedCert, load_checked_with,
 };
 
 /// How long shutdown waits for tasks to finish before giving up on them.
@@ -423,21 +423,25 @@ struct CheckedCerts {
 impl CheckedCerts {
     fn load(config: &NodeConfig) -> Result<CheckedCerts, NodeError> {
         let now = SystemTime::now();
-        let check = |section: &'static str, tls: &TlsSection| {
+        let check = |section: &'static str, tls: &TlsSection, chain| {
             let files = TlsFiles {
                 ca: tls.ca.clone(),
                 cert: tls.cert.clone(),
                 key: tls.key.clone(),
             };
-            load_checked(&files, now).map_err(|source| NodeError::Certificate { section, source })
+            load_checked_with(&files, now, chain)
+                .map_err(|source| NodeError::Certificate { section, source })
         };
-        let optional =
-            |section, tls: &Option<TlsSection>| tls.as_ref().map(|t| check(section, t)).transpose();
+        let optional = |section, tls: &Option<TlsSection>, chain| {
+            tls.as_ref().map(|t| check(section, t, chain)).transpose()
+        };
         Ok(CheckedCerts {
-            gossip: check("gossip.tls", &config.gossip.tls)?,
-            api: optional("api.tls", &config.api.tls)?,
-            publish: optional("publish.tls", &config.publish.tls)?,
-            route: optional("route.tls", &config.route.tls)?,
+            gossip: check("gossip.tls", &config.gossip.tls, ChainCheck::Required)?,
+            api: optional("api.tls", &config.api.tls, ChainCheck::Required)?,
+            publish: optional("publish.tls", &config.publish.tls, ChainCheck::Required)?,
+            // globald's route certificate comes from the route CA, while `ca` bundles the
+            // regions' CAs it verifies their APIs with (see deploy/kubernetes).
+            route: optional("route.tls", &config.route.tls, ChainCheck::Skipped)?,
         })
     }
 
@@ -455,6 +459,7 @@ impl CheckedCerts {
             label: "gossip",
             ca_label: "gossip_ca",
             loaded: self.gossip,
+            chain: ChainCheck::Required,
             apply: Some(Box::new(move |loaded: &LoadedTls| {
                 transport.reload_tls(&TlsConfig::from_loaded(loaded)?)
             })),
@@ -465,18 +470,20 @@ impl CheckedCerts {
                 label: "api",
                 ca_label: "api_ca",
                 loaded,
+                chain: ChainCheck::Required,
                 apply: Some(Box::new(move |loaded: &LoadedTls| api_tls.reload(loaded))),
             });
         }
-        for (label, ca_label, loaded) in [
-            ("publish", "publish_ca", self.publish),
-            ("route", "route_ca", self.route),
+        for (label, ca_label, loaded, chain) in [
+            ("publish", "publish_ca", self.publish, ChainCheck::Required),
+            ("route", "route_ca", self.route, ChainCheck::Skipped),
         ] {
             if let Some(loaded) = loaded {
                 watched.push(WatchedCert {
                     label,
                     ca_label,
                     loaded,
+                    chain,
                     apply: None,
                 });
             }

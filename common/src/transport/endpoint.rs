@@ -946,7 +946,9 @@ impl Inner {
         if full {
             incoming.refuse();
             self.counters.add(&self.counters.refused);
-            warn!(%remote, limit = self.options.max_connections, "incoming connection refused: connection limit");
+            if let Some(suppressed) = self.handshake_log.admit(remote.ip(), Instant::now()) {
+                warn!(%remote, limit = self.options.max_connections, suppressed, "incoming connection refused: connection limit");
+            }
             return;
         }
         let after = self.options.connect_timeout;

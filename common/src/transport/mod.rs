@@ -50,7 +50,9 @@ pub use frame::{
     DATAGRAM_HEADER_LEN, FRAME_HEADER_LEN, FRAME_VERSION, Frame, FrameError, decode,
     decode_datagram, encode, encode_datagram, read_frame, write_frame,
 };
-pub use material::{CertInfo, LoadedTls, TlsFiles, load_checked, read_contents};
+pub use material::{
+    CertInfo, ChainCheck, LoadedTls, TlsFiles, load_checked, load_checked_with, read_contents,
+};
 pub use throttle::LogThrottle;
 pub use tls::{
     ALPN_QUIC, PeerIdentity, Tier, TlsConfig, identity_from_der, peer_certificate, peer_identity,

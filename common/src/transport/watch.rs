@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use tracing::{error, info, warn};
 
 use super::error::TransportError;
-use super::material::{CertInfo, LoadedTls, load_checked, read_contents};
+use super::material::{CertInfo, ChainCheck, LoadedTls, load_checked_with, read_contents};
 
 /// How often a warning about an expiring or expired certificate is repeated while the
 /// condition lasts: daily, so it shows in every day's logs without flooding them.
@@ -71,6 +71,8 @@ pub struct WatchedCert {
     pub ca_label: &'static str,
     /// The material in use now (checked at start).
     pub loaded: LoadedTls,
+    /// Whether a renewal must chain to its CA file (as it was checked at start).
+    pub chain: ChainCheck,
     /// Swaps in a renewed certificate; `None` for one that is only checked for expiry (a
     /// change is then reported as needing a restart).
     pub apply: Option<Apply>,
@@ -172,14 +174,16 @@ fn reload(entry: &mut Entry, now: SystemTime) {
     if matches!(&entry.refused, Some((bytes, _)) if *bytes == contents) {
         return;
     }
-    let result = load_checked(&files, now).and_then(|loaded| match &entry.cert.apply {
-        Some(apply) => apply(&loaded).map(|()| loaded),
-        None => Err(TransportError::CertFile {
-            path: files.cert.clone(),
-            reason: "changed on disk; this certificate is read only at start: restart the \
+    let result = load_checked_with(&files, now, entry.cert.chain).and_then(|loaded| {
+        match &entry.cert.apply {
+            Some(apply) => apply(&loaded).map(|()| loaded),
+            None => Err(TransportError::CertFile {
+                path: files.cert.clone(),
+                reason: "changed on disk; this certificate is read only at start: restart the \
                      node to use the new one"
-                .into(),
-        }),
+                    .into(),
+            }),
+        }
     });
     match result {
         Ok(loaded) => {

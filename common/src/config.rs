@@ -25,6 +25,17 @@ pub enum ConfigError {
     /// A required key is unset.
     #[error("configuration key {0} is required")]
     Required(&'static str),
+    /// The API would serve plaintext on an address others can reach, and the configuration
+    /// does not allow it explicitly.
+    #[error(
+        "[api] listen = {addr} serves gRPC in plaintext (no [api.tls]): anyone who can reach \
+         {addr} may write. Configure [api.tls], listen on a loopback address, or set \
+         [api] allow_plaintext = true to allow exactly that"
+    )]
+    PlaintextApi {
+        /// The listen address.
+        addr: SocketAddr,
+    },
     /// A section configures the other daemon.
     #[error("section [{section}] configures {owner}; this is a {tier} node")]
     OtherDaemon {
@@ -63,6 +74,28 @@ pub struct NodeConfig {
     pub global: GlobalSection,
     /// globald only: route lookups (`Route`).
     pub route: RouteSection,
+    /// Checking, reloading and expiry warnings of every configured certificate.
+    pub certificates: CertificatesSection,
+}
+
+/// Checking, reloading and expiry warnings of every configured certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CertificatesSection {
+    /// How often the certificate files are re-read, ms; a renewed gossip or API certificate is
+    /// checked and swapped in for new connections.
+    pub reload_interval_ms: u64,
+    /// A certificate or CA with fewer days left is warned about (daily until renewed).
+    pub warn_before_days: u64,
+}
+
+impl Default for CertificatesSection {
+    fn default() -> Self {
+        CertificatesSection {
+            reload_interval_ms: 30_000,
+            warn_before_days: 14,
+        }
+    }
 }
 
 /// Who this node is.
@@ -162,6 +195,9 @@ pub struct ApiSection {
     /// Serve TLS with these files, requiring client certificates from the same CA; plaintext
     /// when unset (fine on loopback or a host-local socket).
     pub tls: Option<TlsSection>,
+    /// Allow a plaintext API (no `tls`) on a non-loopback address, where anyone who can reach
+    /// it may write. Without it such a configuration refuses to start.
+    pub allow_plaintext: bool,
     /// Largest request, bytes; larger ones get RESOURCE_EXHAUSTED.
     pub request_bytes_max: usize,
     /// Requests handled at once; more wait (bounded by gRPC flow control).
@@ -181,6 +217,7 @@ impl Default for ApiSection {
         ApiSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 7200)),
             tls: None,
+            allow_plaintext: false,
             request_bytes_max: 4 << 20,
             concurrency_max: 256,
             query_batch_rows: 256,
@@ -417,6 +454,21 @@ impl NodeConfig {
         if self.node.region.is_empty() {
             return Err(ConfigError::Required("node.region"));
         }
+        if self.certificates.reload_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "certificates.reload_interval_ms must be positive".into(),
+            ));
+        }
+        self.check_api_exposure()
+    }
+
+    /// Refuses a plaintext API on a non-loopback address unless `[api] allow_plaintext` says
+    /// so: such an API lets anyone who reaches it write.
+    pub fn check_api_exposure(&self) -> Result<(), ConfigError> {
+        let addr = self.api.listen;
+        if self.api.tls.is_none() && !addr.ip().is_loopback() && !self.api.allow_plaintext {
+            return Err(ConfigError::PlaintextApi { addr });
+        }
         Ok(())
     }
 
@@ -563,6 +615,23 @@ mod tests {
             "deploy/globald.toml documents every default as it is"
         );
         config.check_tier(Tier::Global).unwrap();
+    }
+
+    #[test]
+    fn a_plaintext_api_on_a_reachable_address_needs_an_explicit_opt_in() {
+        let exposed = format!("{MINIMAL}[api]\nlisten = \"0.0.0.0:7200\"\n");
+        let err = NodeConfig::from_toml(&exposed).unwrap_err();
+        assert!(matches!(err, ConfigError::PlaintextApi { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("allow_plaintext"), "{text}");
+        assert!(
+            text.contains("anyone who can reach 0.0.0.0:7200 may write"),
+            "{text}"
+        );
+        let allowed = NodeConfig::from_toml(&format!("{exposed}allow_plaintext = true\n")).unwrap();
+        assert!(allowed.api.allow_plaintext);
+        // Loopback needs no opt-in.
+        NodeConfig::from_toml(&format!("{MINIMAL}[api]\nlisten = \"[::1]:7200\"\n")).unwrap();
     }
 
     #[test]

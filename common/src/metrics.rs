@@ -274,6 +274,15 @@ impl MethodLabel {
     }
 }
 
+/// Labels of [`Metrics::certificate_expiry_seconds`] and [`Metrics::certificate_expiring`]:
+/// `certificate`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CertLabel {
+    /// Which configured certificate: `gossip`, `api`, `publish`, `route`, or their CAs
+    /// (`gossip_ca`, ...): a fixed list.
+    pub certificate: &'static str,
+}
+
 /// Labels of `strata_build_info`: per-process constants, so one series per process.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BuildInfoLabels {
@@ -397,6 +406,13 @@ pub struct Metrics {
     pub subscribers: Gauge,
     /// `strata_subscribers_cut_total`: subscribers cut off for being too slow.
     pub subscribers_cut: Counter,
+
+    /// `strata_certificate_expiry_seconds{certificate}`: seconds until the certificate in use
+    /// expires (negative once it has).
+    pub certificate_expiry_seconds: Family<CertLabel, Gauge>,
+    /// `strata_certificate_expiring{certificate}`: 1 when within the warning threshold or
+    /// expired, else 0.
+    pub certificate_expiring: Family<CertLabel, Gauge>,
 
     /// `strata_ready`: 1 when the node serves reads, else 0.
     pub ready: Gauge,
@@ -593,6 +609,18 @@ impl Metrics {
                 "subscribers_cut",
                 "Subscribers cut off for being too slow",
                 Counter::default(),
+            ),
+
+            certificate_expiry_seconds: b.add_with_unit(
+                "certificate_expiry",
+                "Seconds until the certificate in use expires, by certificate",
+                Unit::Seconds,
+                Family::default(),
+            ),
+            certificate_expiring: b.add(
+                "certificate_expiring",
+                "1 when the certificate is within the warning threshold or expired, by certificate",
+                Family::default(),
             ),
 
             ready: b.add(

@@ -1,15 +1,18 @@
 //! A running node: store + cluster + transport + API + admin, assembled and shut down together.
 //!
-//! Start order: schema, store (and migration), TLS, transport, metrics, cluster driver,
-//! subscriptions, API, admin. Shutdown order: cancel every task (the cluster leaves gracefully),
-//! wait for them with a deadline, close the transport, then the store (its writer finishes what
-//! is queued and marks a clean shutdown).
+//! Start order: config checks (a plaintext API on a reachable address needs an explicit
+//! opt-in), schema, every configured certificate checked (a bad one stops the start, naming the
+//! file), store (and migration), transport, metrics, cluster driver, subscriptions, API, the
+//! certificate watcher (reloads renewed gossip/API certificates, warns before expiry), admin.
+//! Shutdown order: cancel every task (the cluster leaves gracefully), wait for them with a
+//! deadline, close the transport, then the store (its writer finishes what is queued and marks
+//! a clean shutdown).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -22,12 +25,14 @@ use crate::api::{
 };
 use crate::cluster::driver::{self, Cluster, DriverOptions};
 use crate::cluster::{Core, Member};
-use crate::config::NodeConfig;
-use crate::metrics::{MetricSource, Metrics, ReasonLabel, Sample, SampleKind};
+use crate::config::{NodeConfig, TlsSection};
+use crate::metrics::{CertLabel, MetricSource, Metrics, ReasonLabel, Sample, SampleKind};
 use crate::readiness;
 use crate::store::{Schema, Store, StoreError, WallClock};
 use crate::transport::{
-    PeerIdentity, Tier, TlsConfig, Transport, TransportError, TransportOptions,
+    CertState, CertStatus, CertWatcher, ChainCheck, LoadedTls, PeerIdentity, Tier, TlsConfig,
+    TlsFiles, Transport, TransportError, TransportOptions, TransportStats, WatchOptions,
+    WatchedCert, load_checked_with,
 };
 
 /// How long shutdown waits for tasks to finish before giving up on them.
@@ -62,6 +67,16 @@ pub enum NodeError {
     /// The schema was refused, or the store could not open.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// A configured certificate, CA or key cannot be used; names the config section, the
+    /// file and the reason. Nothing started.
+    #[error("[{section}] {source}")]
+    Certificate {
+        /// The configuration section (`gossip.tls`, `api.tls`, `publish.tls`, `route.tls`).
+        section: &'static str,
+        /// What is wrong, with the file.
+        #[source]
+        source: TransportError,
+    },
     /// TLS material or the QUIC endpoint failed.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
@@ -143,6 +158,7 @@ pub struct Node {
     admin_addr: SocketAddr,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    certificates: Arc<Mutex<Vec<CertStatus>>>,
 }
 
 impl Node {
@@ -158,12 +174,17 @@ impl Node {
 
     async fn start_in_span(config: NodeConfig, spec: NodeSpec) -> Result<Node, NodeError> {
         config.check_tier(spec.tier)?;
+        config.check_api_exposure()?;
         let schema = load_schema(&config, &spec)?;
-        let tls = TlsConfig::load(
-            &config.gossip.tls.ca,
-            &config.gossip.tls.cert,
-            &config.gossip.tls.key,
-        )?;
+        // Every configured certificate is checked before anything starts, so a bad one is a
+        // start-up error naming its file rather than a log line from a task.
+        let certs = CheckedCerts::load(&config)?;
+        let tls =
+            TlsConfig::from_loaded(&certs.gossip).map_err(|source| NodeError::Certificate {
+                section: "gossip.tls",
+                source,
+            })?;
+        let api_tls = certs.api.as_ref().map(api::ApiTls::new).transpose()?;
         let identity = tls.identity().clone();
         if identity.node != config.node.name
             || identity.region != config.node.region
@@ -198,6 +219,9 @@ impl Node {
         ));
         metrics.add_source(Box::new(StoreSource(store.clone())));
         metrics.add_source(Box::new(TransportSource(transport.clone())));
+        if let Some(api_tls) = &api_tls {
+            metrics.add_source(Box::new(ApiTlsSource(api_tls.clone())));
+        }
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
 
@@ -235,7 +259,6 @@ impl Node {
                 addr: config.api.listen,
                 source,
             })?;
-        let api_tls = config.api.tls.as_ref().map(api::tls_config).transpose()?;
         let service = StrataService {
             store: store.clone(),
             cluster: cluster.clone(),
@@ -269,13 +292,14 @@ impl Node {
         // Readiness watches it: set while `api::serve` runs, cleared when it returns.
         let api_serving = Arc::new(AtomicBool::new(true));
         let api_flag = Arc::clone(&api_serving);
+        let serve_tls = api_tls.clone();
         crate::telemetry::spawn(&tracker, async move {
             let _serving = ClearOnDrop(api_flag);
             if let Err(err) = api::serve(
                 api_listener,
                 service,
                 &api_config,
-                api_tls,
+                serve_tls,
                 api_cancel,
                 routes,
             )
@@ -284,6 +308,20 @@ impl Node {
                 tracing::error!(error = %err, "the API server stopped");
             }
         });
+
+        let certificates = Arc::new(Mutex::new(Vec::new()));
+        let mut watcher = certs.watcher(&config, &transport, api_tls.as_ref());
+        publish_cert_status(&metrics, &certificates, watcher.poll(SystemTime::now()));
+        crate::telemetry::spawn(
+            &tracker,
+            watch_certificates(
+                watcher,
+                Duration::from_millis(config.certificates.reload_interval_ms.max(1)),
+                Arc::clone(&metrics),
+                Arc::clone(&certificates),
+                cancel.clone(),
+            ),
+        );
 
         let admin_listener = bind(config.admin.listen).await?;
         let admin_addr = admin_listener
@@ -327,7 +365,22 @@ impl Node {
             admin_addr,
             cancel,
             tracker,
+            certificates,
         })
+    }
+
+    /// Every configured certificate and CA as of the last poll of their files: serial,
+    /// validity, seconds left and warning state.
+    pub fn certificates(&self) -> Vec<CertStatus> {
+        self.certificates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The QUIC endpoint's counters (dials, back-offs, handshakes, reloads).
+    pub fn transport_stats(&self) -> TransportStats {
+        self.transport.stats()
     }
 
     /// The gossip (QUIC) address.
@@ -376,6 +429,146 @@ impl Node {
             );
         }
     }
+}
+
+/// Every configured certificate, checked.
+struct CheckedCerts {
+    gossip: LoadedTls,
+    api: Option<LoadedTls>,
+    publish: Option<LoadedTls>,
+    route: Option<LoadedTls>,
+}
+
+impl CheckedCerts {
+    fn load(config: &NodeConfig) -> Result<CheckedCerts, NodeError> {
+        let now = SystemTime::now();
+        let check = |section: &'static str, tls: &TlsSection, chain| {
+            let files = TlsFiles {
+                ca: tls.ca.clone(),
+                cert: tls.cert.clone(),
+                key: tls.key.clone(),
+            };
+            load_checked_with(&files, now, chain)
+                .map_err(|source| NodeError::Certificate { section, source })
+        };
+        let optional = |section, tls: &Option<TlsSection>, chain| {
+            tls.as_ref().map(|t| check(section, t, chain)).transpose()
+        };
+        Ok(CheckedCerts {
+            gossip: check("gossip.tls", &config.gossip.tls, ChainCheck::Required)?,
+            api: optional("api.tls", &config.api.tls, ChainCheck::Required)?,
+            publish: optional("publish.tls", &config.publish.tls, ChainCheck::Required)?,
+            // globald's route certificate comes from the route CA, while `ca` bundles the
+            // regions' CAs it verifies their APIs with (see deploy/kubernetes).
+            route: optional("route.tls", &config.route.tls, ChainCheck::Skipped)?,
+        })
+    }
+
+    /// The watcher of these certificates: the gossip and API ones are swapped in when renewed;
+    /// the publisher's and route's are read at start only (their clients keep them), so a
+    /// change there is reported as needing a restart.
+    fn watcher(
+        self,
+        config: &NodeConfig,
+        transport: &Transport,
+        api_tls: Option<&api::ApiTls>,
+    ) -> CertWatcher {
+        let transport = transport.clone();
+        let mut watched = vec![WatchedCert {
+            label: "gossip",
+            ca_label: "gossip_ca",
+            loaded: self.gossip,
+            chain: ChainCheck::Required,
+            apply: Some(Box::new(move |loaded: &LoadedTls| {
+                transport.reload_tls(&TlsConfig::from_loaded(loaded)?)
+            })),
+        }];
+        if let (Some(loaded), Some(api_tls)) = (self.api, api_tls) {
+            let api_tls = api_tls.clone();
+            watched.push(WatchedCert {
+                label: "api",
+                ca_label: "api_ca",
+                loaded,
+                chain: ChainCheck::Required,
+                apply: Some(Box::new(move |loaded: &LoadedTls| api_tls.reload(loaded))),
+            });
+        }
+        for (label, ca_label, loaded, chain) in [
+            ("publish", "publish_ca", self.publish, ChainCheck::Required),
+            ("route", "route_ca", self.route, ChainCheck::Skipped),
+        ] {
+            if let Some(loaded) = loaded {
+                watched.push(WatchedCert {
+                    label,
+                    ca_label,
+                    loaded,
+                    chain,
+                    apply: None,
+                });
+            }
+        }
+        let warn_before = Duration::from_secs(
+            config
+                .certificates
+                .warn_before_days
+                .saturating_mul(24 * 60 * 60),
+        );
+        CertWatcher::new(watched, WatchOptions { warn_before })
+    }
+}
+
+/// Re-reads the certificate files every `interval` (off the async threads), swapping renewed
+/// ones in, and exports their state.
+async fn watch_certificates(
+    watcher: CertWatcher,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<Vec<CertStatus>>>,
+    cancel: CancellationToken,
+) {
+    let mut watcher = watcher;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let polled = tokio::task::spawn_blocking(move || {
+            let statuses = watcher.poll(SystemTime::now());
+            (watcher, statuses)
+        })
+        .await;
+        match polled {
+            Ok((back, statuses)) => {
+                watcher = back;
+                publish_cert_status(&metrics, &status, statuses);
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "the certificate watcher failed; certificates are no longer re-read");
+                return;
+            }
+        }
+    }
+}
+
+fn publish_cert_status(
+    metrics: &Metrics,
+    status: &Mutex<Vec<CertStatus>>,
+    statuses: Vec<CertStatus>,
+) {
+    for s in &statuses {
+        let label = CertLabel {
+            certificate: s.label,
+        };
+        metrics
+            .certificate_expiry_seconds
+            .get_or_create(&label)
+            .set(s.seconds_left);
+        metrics
+            .certificate_expiring
+            .get_or_create(&label)
+            .set(i64::from(s.state != CertState::Valid));
+    }
+    *status.lock().unwrap_or_else(PoisonError::into_inner) = statuses;
 }
 
 fn load_schema(config: &NodeConfig, spec: &NodeSpec) -> Result<Schema, NodeError> {
@@ -602,6 +795,21 @@ impl MetricSource for TransportSource {
                 s.dials_failed_total,
             ),
             counter(
+                "strata_transport_dials",
+                "Dials started.",
+                s.dials_attempted_total,
+            ),
+            counter(
+                "strata_transport_dials_backed_off",
+                "Sends to a peer refused without dialing while its back-off lasts.",
+                s.dials_backed_off_total,
+            ),
+            counter(
+                "strata_transport_tls_reloads",
+                "Renewed certificates swapped into the QUIC endpoint.",
+                s.tls_reloads_total,
+            ),
+            counter(
                 "strata_transport_sent_bytes",
                 "Bytes sent over QUIC (UDP payload).",
                 s.bytes_sent_total,
@@ -612,5 +820,19 @@ impl MetricSource for TransportSource {
                 s.bytes_received_total,
             ),
         ]
+    }
+}
+
+#[derive(Debug)]
+struct ApiTlsSource(api::ApiTls);
+
+impl MetricSource for ApiTlsSource {
+    fn collect(&self) -> Vec<Sample> {
+        vec![Sample {
+            name: "strata_api_tls_handshakes_failed",
+            help: "API TLS handshakes that failed (bad or missing client certificates, garbage).",
+            kind: SampleKind::Counter,
+            value: self.0.handshakes_failed() as f64,
+        }]
     }
 }

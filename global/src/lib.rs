@@ -72,6 +72,7 @@ fn services(
         router,
         request_bytes_max: config.api.request_bytes_max,
         prefer: config.route.prefer.clone(),
+        api_tls: config.api.tls.is_some(),
     };
     Ok(routes.add_service(
         GlobalServer::new(service)
@@ -85,6 +86,8 @@ pub struct GlobalService {
     router: Router,
     request_bytes_max: usize,
     prefer: Vec<String>,
+    /// Whether the API is served over TLS (then no caller is ever treated as plaintext).
+    api_tls: bool,
 }
 
 impl GlobalService {
@@ -105,7 +108,7 @@ impl Global for GlobalService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let region = publish::publisher_region(caller(&request).as_ref())?;
+        let region = publish::publisher_region(&caller(&request, self.api_tls))?;
         let request = request.into_inner();
         let size = request.encoded_len();
         self.check_size(size)?;

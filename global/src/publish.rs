@@ -16,11 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use strata_common::api::Caller;
 use strata_common::api::status::from_store;
 use strata_common::config::GlobalSection;
 use strata_common::metrics::{MetricSource, Sample, SampleKind};
 use strata_common::store::{Statement, Store, Value, WallClock};
-use strata_common::transport::{PeerIdentity, Tier};
+use strata_common::transport::Tier;
 use strata_proto::v1 as pb;
 use tonic::Status;
 
@@ -139,16 +140,22 @@ struct Bucket {
     at: Instant,
 }
 
-/// The publisher's region from its certificate: tier `regional` required.
-pub fn publisher_region(caller: Option<&PeerIdentity>) -> Result<String, Status> {
+/// The publisher's region from its certificate: tier `regional` required. A plaintext caller
+/// is UNAUTHENTICATED; a certificate without a Strata identity, or of another tier, is
+/// PERMISSION_DENIED. Nothing is written either way.
+pub fn publisher_region(caller: &Caller) -> Result<String, Status> {
     match caller {
-        None => Err(Status::unauthenticated(
+        Caller::Plaintext => Err(Status::unauthenticated(
             "Publish needs a client certificate naming the region (serve the API with TLS)",
         )),
-        Some(who) if who.tier != Tier::Regional => Err(Status::permission_denied(format!(
-            "{who} is not a region's certificate; only regions publish"
+        Caller::NoIdentity { reason } => Err(Status::permission_denied(format!(
+            "Publish needs a certificate naming a region (strata://regional/<region>/<node>); \
+             this one names none ({reason})"
         ))),
-        Some(who) => Ok(who.region.clone()),
+        Caller::Verified(who) if who.tier != Tier::Regional => Err(Status::permission_denied(
+            format!("{who} is not a region's certificate; only regions publish"),
+        )),
+        Caller::Verified(who) => Ok(who.region.clone()),
     }
 }
 
@@ -468,17 +475,27 @@ mod tests {
 
     #[test]
     fn only_region_certificates_publish() {
+        use strata_common::transport::PeerIdentity;
         assert_eq!(
-            publisher_region(None).unwrap_err().code(),
+            publisher_region(&Caller::Plaintext).unwrap_err().code(),
             Code::Unauthenticated
+        );
+        let no_identity = Caller::NoIdentity {
+            reason: "no URI".into(),
+        };
+        assert_eq!(
+            publisher_region(&no_identity).unwrap_err().code(),
+            Code::PermissionDenied
         );
         let global = PeerIdentity::new("g1", Tier::Global, "global").unwrap();
         assert_eq!(
-            publisher_region(Some(&global)).unwrap_err().code(),
+            publisher_region(&Caller::Verified(global))
+                .unwrap_err()
+                .code(),
             Code::PermissionDenied
         );
         let ams = PeerIdentity::new("ams-1", Tier::Regional, "ams").unwrap();
-        assert_eq!(publisher_region(Some(&ams)).unwrap(), "ams");
+        assert_eq!(publisher_region(&Caller::Verified(ams)).unwrap(), "ams");
     }
 
     #[test]

@@ -39,10 +39,24 @@ impl Certs {
         let identity = PeerIdentity::new(name, tier, region).unwrap();
         let pair =
             generate_node(&self.ca, &identity, &[], &["127.0.0.1".parse().unwrap()]).unwrap();
+        self.write(name, &pair)
+    }
+
+    /// The CA's certificate and key.
+    pub fn ca(&self) -> &CertPair {
+        &self.ca
+    }
+
+    /// Writes `<name>.crt` and `<name>.key` (each replaced atomically, by rename, as a
+    /// certificate renewal tool does) and returns the files with the CA.
+    pub fn write(&self, name: &str, pair: &CertPair) -> TlsSection {
         let cert = self.dir.join(format!("{name}.crt"));
         let key = self.dir.join(format!("{name}.key"));
-        std::fs::write(&cert, &pair.cert_pem).unwrap();
-        std::fs::write(&key, &pair.key_pem).unwrap();
+        for (path, text) in [(&cert, &pair.cert_pem), (&key, &pair.key_pem)] {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
         TlsSection {
             ca: self.dir.join("ca.crt"),
             cert,

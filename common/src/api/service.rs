@@ -226,8 +226,8 @@ impl Strata for StrataService {
         request: Request<pb::TransactRequest>,
     ) -> Result<Response<pb::TransactResponse>, Status> {
         let started = Instant::now();
-        let caller = super::caller(&request);
-        let result = match super::check_writer(caller.as_ref(), &self.me) {
+        let caller = super::caller(&request, self.config.tls.is_some());
+        let result = match super::check_writer(&caller, &self.me) {
             Ok(()) => self.transact_inner(request.into_inner()).await,
             Err(status) => Err(status),
         };

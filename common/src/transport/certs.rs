@@ -137,6 +137,27 @@ pub fn generate_node(
     dns: &[String],
     ips: &[IpAddr],
 ) -> Result<CertPair, TransportError> {
+    let now = SystemTime::now();
+    generate_node_valid(
+        ca,
+        identity,
+        dns,
+        ips,
+        now.checked_sub(BACKDATE).unwrap_or(UNIX_EPOCH),
+        now + VALIDITY,
+    )
+}
+
+/// [`generate_node`] with a chosen validity, `not_before` to `not_after` (whole seconds): for
+/// tests of expiry warnings, expired or not-yet-valid certificates, and rotation.
+pub fn generate_node_valid(
+    ca: &CertPair,
+    identity: &PeerIdentity,
+    dns: &[String],
+    ips: &[IpAddr],
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertPair, TransportError> {
     identity.validate()?;
     let issuer = load_issuer(ca)?;
 
@@ -163,7 +184,7 @@ pub fn generate_node(
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    set_validity(&mut params);
+    set_validity_range(&mut params, not_before, not_after);
 
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
@@ -171,6 +192,52 @@ pub fn generate_node(
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     })
+}
+
+/// Generates a client certificate signed by `ca` that names no strata identity: common name
+/// `name`, the DNS SAN `name`, client authentication only. Such a certificate is accepted by
+/// the API's TLS but may only read (tests, and read-only tools of an operator).
+pub fn generate_client_without_identity(
+    ca: &CertPair,
+    name: &str,
+) -> Result<CertPair, TransportError> {
+    let issuer = load_issuer(ca)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, ORGANIZATION);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.subject_alt_names = vec![SanType::DnsName(ia5(name.to_owned())?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    set_validity(&mut params);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(CertPair {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Validity from `not_before` to `not_after`, in whole seconds (a time before the epoch counts
+/// as the epoch).
+fn set_validity_range(
+    params: &mut CertificateParams,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) {
+    let secs = |t: SystemTime| {
+        Duration::from_secs(
+            t.duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_secs(),
+        )
+    };
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    params.not_before = epoch + secs(not_before);
+    params.not_after = epoch + secs(not_after);
 }
 
 /// From an hour ago to ten years from now.

@@ -33,8 +33,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -45,6 +45,7 @@ use tracing::{debug, warn};
 
 use super::error::TransportError;
 use super::frame::{Frame, read_frame, write_frame};
+use super::throttle::LogThrottle;
 use super::tls::{PeerIdentity, TlsConfig, peer_identity};
 
 /// The frame kind of the acceptor's hello (alone on its own stream, so it cannot collide with
@@ -72,6 +73,20 @@ const HANDSHAKES_IN_FLIGHT_MAX: usize = 64;
 /// QUIC connection takes about three probe timeouts; on a LAN that is milliseconds, so two
 /// seconds only matters when a peer is unreachable, and then waiting longer gains nothing.
 const SHUTDOWN_WAIT_MAX: Duration = Duration::from_secs(2);
+
+/// First pause after a failed dial before the address is dialed again. 250 ms: a peer that
+/// was restarting is back within a few pauses, and a burst of sends to a dead peer costs one dial.
+const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(250);
+
+/// Longest pause between dials of an address that keeps failing. 30 s: a peer with a bad
+/// certificate or a dead host costs two handshakes a minute instead of two a second, while a
+/// repaired peer is reached within half a minute (SWIM notices it sooner through others).
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Addresses with a dial back-off remembered at most. Entries exist only for addresses we
+/// dialed and failed; 4,096 is four times the default connection limit. When full, the entry
+/// whose pause ends first is dropped (that address is merely dialed a little early).
+const DIAL_BACKOFF_PEERS_MAX: usize = 4096;
 
 /// Tunables of the endpoint. Every default is explained on its field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -333,6 +348,12 @@ pub struct TransportStats {
     pub handshakes_failed_total: u64,
     /// Dials that failed or were cancelled.
     pub dials_failed_total: u64,
+    /// Dials started (handshakes attempted towards a peer).
+    pub dials_attempted_total: u64,
+    /// `connect` calls refused without dialing because the address is backing off.
+    pub dials_backed_off_total: u64,
+    /// Times the TLS material was swapped by [`Transport::reload_tls`].
+    pub tls_reloads_total: u64,
     /// Incoming connections refused at the connection limit.
     pub connections_refused_total: u64,
     /// Datagrams sent (quinn's DATAGRAM frames).
@@ -361,6 +382,12 @@ struct Counters {
     handshakes_failed: AtomicU64,
     /// Dials that failed or were cancelled.
     dials_failed: AtomicU64,
+    /// Dials started.
+    dials_attempted: AtomicU64,
+    /// `connect` calls refused during a back-off.
+    dials_backed_off: AtomicU64,
+    /// TLS material swaps.
+    tls_reloads: AtomicU64,
     /// Incoming connections refused at the limit.
     refused: AtomicU64,
     /// Streams opened through [`Conn`].
@@ -423,6 +450,9 @@ struct State {
     live: HashMap<usize, Conn>,
     /// Counters of closed connections.
     closed: ClosedTotals,
+    /// Addresses whose last dials failed, with their back-off (bounded by
+    /// [`DIAL_BACKOFF_PEERS_MAX`]).
+    backoff: HashMap<SocketAddr, DialBackoff>,
     /// The id of the next dial.
     next_dial_id: u64,
     /// Set by shutdown (or drop): nothing new is dialed or cached.
@@ -441,12 +471,26 @@ impl State {
     }
 }
 
+/// The back-off of an address whose dials fail.
+#[derive(Debug, Clone, Copy)]
+struct DialBackoff {
+    /// Failed dials in a row.
+    failures: u32,
+    /// No dial before this.
+    until: Instant,
+}
+
 /// What the endpoint's tasks share.
 struct Inner {
     /// The one quinn endpoint (and UDP socket), server and client.
     endpoint: quinn::Endpoint,
-    /// TLS and transport settings for dials.
-    client_config: quinn::ClientConfig,
+    /// TLS and transport settings for dials; replaced by [`Transport::reload_tls`]. Read (and
+    /// cloned, a few `Arc`s) per dial; never held across an `.await`.
+    client_config: RwLock<quinn::ClientConfig>,
+    /// The transport settings every server and client configuration carries.
+    transport_config: Arc<quinn::TransportConfig>,
+    /// Limits the log lines about failed incoming handshakes per remote address.
+    handshake_log: LogThrottle,
     /// Our identity, from our certificate.
     identity: PeerIdentity,
     /// `<region>.<tier>.strata`, the name every dial verifies.
@@ -513,13 +557,7 @@ impl Transport {
             TransportError::io(format!("binding UDP {listen}"), std::io::Error::other(e))
         })?;
         let transport_config = Arc::new(options.quinn_transport_config()?);
-        let mut server_config = tls.quic_server_config()?;
-        server_config.transport_config(transport_config.clone());
-        // Peers have fixed addresses, and the cache is keyed by them: a peer that changed
-        // address must reconnect (and so show up under its new address).
-        server_config.migration(false);
-        let mut client_config = tls.quic_client_config()?;
-        client_config.transport_config(transport_config);
+        let (server_config, client_config) = quic_configs(&tls, &transport_config)?;
 
         let endpoint = quinn::Endpoint::server(server_config, listen)
             .map_err(|e| TransportError::io(format!("binding UDP {listen}"), e))?;
@@ -530,7 +568,9 @@ impl Transport {
         let identity = tls.identity().clone();
         let inner = Arc::new(Inner {
             endpoint,
-            client_config,
+            client_config: RwLock::new(client_config),
+            transport_config,
+            handshake_log: LogThrottle::new(),
             server_name: identity.cluster_name(),
             identity,
             options,
@@ -562,6 +602,28 @@ impl Transport {
         &self.handle.inner.identity
     }
 
+    /// Swaps in renewed TLS material: connections accepted or dialed from now on present the
+    /// new certificate and check peers against the new CA; open connections keep theirs until
+    /// they close. Refused, changing nothing, if the new certificate names another identity
+    /// (a node cannot change who it is while it runs) or does not build a configuration.
+    pub fn reload_tls(&self, tls: &TlsConfig) -> Result<(), TransportError> {
+        let inner = &self.handle.inner;
+        if tls.identity() != &inner.identity {
+            return Err(TransportError::PeerRejected {
+                peer: tls.identity().clone(),
+                expected: format!("the identity this node runs as, {}", inner.identity),
+            });
+        }
+        let (server_config, client_config) = quic_configs(tls, &inner.transport_config)?;
+        inner.endpoint.set_server_config(Some(server_config));
+        *inner
+            .client_config
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = client_config;
+        inner.counters.add(&inner.counters.tls_reloads);
+        Ok(())
+    }
+
     /// A connection to `addr`: the cached one if it is alive, else a new dial.
     ///
     /// Concurrent callers for one address share one dial, and all get its result. A failed
@@ -581,7 +643,20 @@ impl Transport {
                 // A dial whose result is already out has updated the slot itself; one still
                 // here means its task died, so it is dialed again.
                 Some(Slot::Dialing { dial, .. }) if dial.peek().is_none() => dial.clone(),
-                _ => inner.start_dial(&mut state, addr)?,
+                _ => {
+                    if let Some(backoff) = state.backoff.get(&addr) {
+                        let now = Instant::now();
+                        if backoff.until > now {
+                            inner.counters.add(&inner.counters.dials_backed_off);
+                            return Err(TransportError::BackingOff {
+                                addr,
+                                failures: backoff.failures,
+                                retry_in: backoff.until - now,
+                            });
+                        }
+                    }
+                    inner.start_dial(&mut state, addr)?
+                }
             }
         };
         dial.await
@@ -658,6 +733,9 @@ impl Transport {
             connections_dialed_total: load(&c.dialed),
             handshakes_failed_total: load(&c.handshakes_failed),
             dials_failed_total: load(&c.dials_failed),
+            dials_attempted_total: load(&c.dials_attempted),
+            dials_backed_off_total: load(&c.dials_backed_off),
+            tls_reloads_total: load(&c.tls_reloads),
             connections_refused_total: load(&c.refused),
             datagrams_sent_total: totals.datagrams_sent,
             datagrams_received_total: totals.datagrams_received,
@@ -701,6 +779,7 @@ impl Inner {
         }
         let id = state.next_dial_id;
         state.next_dial_id += 1;
+        self.counters.add(&self.counters.dials_attempted);
         // The dial runs in its own task, so it completes (and updates the cache) even if every
         // caller waiting on it is cancelled.
         let task = self.tasks.spawn(self.clone().dial(addr, id));
@@ -733,6 +812,10 @@ impl Inner {
                 state.slots.insert(addr, Slot::Ready(conn.clone()));
                 self.track(&mut state, &conn);
                 self.counters.add(&self.counters.dialed);
+                if let Some(backoff) = state.backoff.remove(&addr) {
+                    drop(state);
+                    tracing::info!(%addr, failures = backoff.failures, "peer reachable again");
+                }
                 return Ok(conn);
             }
             Ok(conn) => {
@@ -747,7 +830,23 @@ impl Inner {
                 if ours {
                     state.slots.remove(&addr);
                 }
-                Err(e)
+                let step = if state.shut {
+                    None
+                } else {
+                    Some(back_off(&mut state, addr))
+                };
+                drop(state);
+                self.counters.add(&self.counters.dials_failed);
+                match step {
+                    // One line per doubling of the pause (1st, 2nd, 4th, 8th... failure), not
+                    // per attempt: a peer that stays broken costs a handful of lines.
+                    Some((failures, pause)) if failures.is_power_of_two() => warn!(
+                        %addr, failures, next_dial_in = ?pause, error = %e,
+                        "dial failed; backing off"
+                    ),
+                    _ => debug!(%addr, error = %e, "dial failed"),
+                }
+                return Err(e);
             }
         };
         drop(state);
@@ -761,9 +860,14 @@ impl Inner {
     /// Handshake, identity, hello: a connection the peer has accepted.
     async fn handshake_outgoing(&self, addr: SocketAddr) -> Result<Conn, TransportError> {
         let lost = |source| TransportError::Connection { addr, source };
+        let client_config = self
+            .client_config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let connecting = self
             .endpoint
-            .connect_with(self.client_config.clone(), addr, &self.server_name)
+            .connect_with(client_config, addr, &self.server_name)
             .map_err(|source| TransportError::Connect { addr, source })?;
         let conn = connecting.await.map_err(lost)?;
         let peer = self.verified_peer(&conn)?;
@@ -842,7 +946,9 @@ impl Inner {
         if full {
             incoming.refuse();
             self.counters.add(&self.counters.refused);
-            warn!(%remote, limit = self.options.max_connections, "incoming connection refused: connection limit");
+            if let Some(suppressed) = self.handshake_log.admit(remote.ip(), Instant::now()) {
+                warn!(%remote, limit = self.options.max_connections, suppressed, "incoming connection refused: connection limit");
+            }
             return;
         }
         let after = self.options.connect_timeout;
@@ -856,7 +962,12 @@ impl Inner {
             Ok(conn) => self.register_incoming(conn),
             Err(e) => {
                 self.counters.add(&self.counters.handshakes_failed);
-                warn!(%remote, error = %e, "incoming handshake failed");
+                // The peer sets the rate; log once per remote per interval.
+                if let Some(suppressed) = self.handshake_log.admit(remote.ip(), Instant::now()) {
+                    warn!(%remote, error = %e, suppressed, "incoming handshake failed");
+                } else {
+                    debug!(%remote, error = %e, "incoming handshake failed");
+                }
             }
         }
     }
@@ -901,6 +1012,8 @@ impl Inner {
         if !keep_existing {
             state.slots.insert(addr, Slot::Ready(conn.clone()));
         }
+        // The peer reached us, so it is up: dial it again without waiting.
+        state.backoff.remove(&addr);
         self.track(&mut state, &conn);
         self.counters.add(&self.counters.accepted);
         debug!(peer = %conn.peer(), remote = %addr, "connection accepted");
@@ -936,6 +1049,56 @@ impl Inner {
         }
         debug!(peer = %conn.peer(), remote = %conn.remote_addr(), %reason, "connection closed");
     }
+}
+
+/// Records a failed dial of `addr`: the next pause, doubling from [`DIAL_BACKOFF_MIN`] to
+/// [`DIAL_BACKOFF_MAX`], jittered. Returns the failures in a row and the pause.
+fn back_off(state: &mut State, addr: SocketAddr) -> (u32, Duration) {
+    let now = Instant::now();
+    if !state.backoff.contains_key(&addr)
+        && state.backoff.len() >= DIAL_BACKOFF_PEERS_MAX
+        && let Some(first) = state
+            .backoff
+            .iter()
+            .min_by_key(|(_, b)| b.until)
+            .map(|(a, _)| *a)
+    {
+        state.backoff.remove(&first);
+    }
+    let failures = state
+        .backoff
+        .get(&addr)
+        .map_or(1, |b| b.failures.saturating_add(1));
+    let pause = crate::backoff::jittered(
+        DIAL_BACKOFF_MIN,
+        DIAL_BACKOFF_MAX,
+        failures,
+        &mut rand::rng(),
+    );
+    state.backoff.insert(
+        addr,
+        DialBackoff {
+            failures,
+            until: now + pause,
+        },
+    );
+    (failures, pause)
+}
+
+/// The quinn server and client configurations of `tls`, with the endpoint's transport
+/// settings.
+fn quic_configs(
+    tls: &TlsConfig,
+    transport_config: &Arc<quinn::TransportConfig>,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+    let mut server_config = tls.quic_server_config()?;
+    server_config.transport_config(transport_config.clone());
+    // Peers have fixed addresses, and the cache is keyed by them: a peer that changed
+    // address must reconnect (and so show up under its new address).
+    server_config.migration(false);
+    let mut client_config = tls.quic_client_config()?;
+    client_config.transport_config(transport_config.clone());
+    Ok((server_config, client_config))
 }
 
 /// The cache key for an address: IPv4-mapped IPv6 addresses become IPv4, so a peer reached

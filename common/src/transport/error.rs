@@ -42,6 +42,18 @@ pub enum TransportError {
     #[error("unusable certificate: {0}")]
     Certificate(String),
 
+    /// A configured certificate, CA or key file cannot be used: unreadable, not PEM, expired,
+    /// not yet valid, a key that does not match the certificate, or a certificate the CA did not
+    /// sign. Nothing was changed (at start the node does not start; on a reload the old
+    /// certificate stays in use). Deterministic: fix the file.
+    #[error("{path}: {reason}")]
+    CertFile {
+        /// The file at fault.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A node, tier or region name is not valid (empty, too long, or with characters that do
     /// not fit a DNS label or a URI path). Deterministic.
     #[error("invalid identity: {0}")]
@@ -165,6 +177,18 @@ pub enum TransportError {
     Cancelled {
         /// The address dialed.
         addr: SocketAddr,
+    },
+
+    /// Recent dials to this address failed, so no new dial is made until the back-off ends.
+    /// Nothing was sent. Retry after `retry_in`; the back-off grows while dials keep failing.
+    #[error("not dialing {addr} for {retry_in:?}: {failures} dials in a row failed")]
+    BackingOff {
+        /// The address.
+        addr: SocketAddr,
+        /// Failed dials in a row.
+        failures: u32,
+        /// Time left until the next dial is allowed.
+        retry_in: Duration,
     },
 
     /// The transport has been shut down. Deterministic: nothing more can be sent.

@@ -7,6 +7,11 @@
 //!   them, and the rustls/quinn configurations that refuse any peer of another CA, tier or
 //!   region during the handshake. It also builds rustls configurations for the gRPC API on the
 //!   same CA.
+//! - `material`: reading and checking certificate files (validity, key match, chain to the
+//!   CA), with errors that name the file.
+//! - `throttle`: a bounded, per-remote-address limit on repeated log lines (failed handshakes
+//!   from a peer we cannot back off).
+//! - `watch`: polling certificate files, reloading renewed ones, and the expiry warnings.
 //! - `certs`: development CA and node certificates (rcgen), for `regiond tls ...` /
 //!   `globald tls ...`.
 //! - `frame`: the pure frame codec (`[u32 length][u8 version][u8 kind][payload]` on streams,
@@ -31,16 +36,30 @@ mod certs;
 mod endpoint;
 mod error;
 mod frame;
+mod material;
+mod throttle;
 mod tls;
+mod watch;
 
-pub use certs::{CertPair, generate_ca, generate_node};
+pub use certs::{
+    CertPair, generate_ca, generate_client_without_identity, generate_node, generate_node_valid,
+};
 pub use endpoint::{Conn, Direction, Transport, TransportOptions, TransportStats};
 pub use error::TransportError;
 pub use frame::{
     DATAGRAM_HEADER_LEN, FRAME_HEADER_LEN, FRAME_VERSION, Frame, FrameError, decode,
     decode_datagram, encode, encode_datagram, read_frame, write_frame,
 };
-pub use tls::{ALPN_QUIC, PeerIdentity, Tier, TlsConfig, identity_from_der, peer_identity};
+pub use material::{
+    CertInfo, ChainCheck, LoadedTls, TlsFiles, load_checked, load_checked_with, read_contents,
+};
+pub use throttle::LogThrottle;
+pub use tls::{
+    ALPN_QUIC, PeerIdentity, Tier, TlsConfig, identity_from_der, peer_certificate, peer_identity,
+};
+pub use watch::{
+    Apply, CertState, CertStatus, CertWatcher, WARNING_REPEAT, WatchOptions, WatchedCert,
+};
 
 /// Shorthand for results of this module.
 pub type Result<T, E = TransportError> = std::result::Result<T, E>;

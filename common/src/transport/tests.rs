@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use rustls::pki_types::pem::PemObject;
 
 use super::*;
 
@@ -385,8 +386,8 @@ async fn concurrent_connects_share_one_dial() {
     assert_eq!(b.stats().connections_open, 1);
 }
 
-/// A dial to a silent address times out, is counted, and is not cached: the next connect
-/// dials again.
+/// A dial to a silent address times out, is counted, and is not cached: a connect during the
+/// back-off pause is refused at once without dialing, and the next one after it dials again.
 #[tokio::test]
 async fn failed_dials_are_not_cached() {
     let ca = generate_ca("test").unwrap();
@@ -405,6 +406,18 @@ async fn failed_dials_are_not_cached() {
             .unwrap_err();
         assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
         assert_eq!(a.stats().dials_failed_total, attempt);
+        let err = a.connect(addr).await.unwrap_err();
+        let TransportError::BackingOff {
+            failures, retry_in, ..
+        } = err
+        else {
+            panic!("expected a back-off, got {err}");
+        };
+        assert_eq!(u64::from(failures), attempt);
+        assert!(retry_in <= Duration::from_millis(250) * 2u32.pow(failures - 1));
+        assert_eq!(a.stats().dials_attempted_total, attempt);
+        // The pause is the back-off's own deadline, not a guess.
+        tokio::time::sleep(retry_in).await;
     }
     assert_eq!(a.stats().connections_open, 0);
 }
@@ -612,7 +625,8 @@ fn tls_config_refuses_unusable_material() {
     let err = TlsConfig::from_pem(&ca.cert_pem, &a.cert_pem, "").unwrap_err();
     assert!(matches!(err, TransportError::Pem { .. }), "{err}");
     let err = TlsConfig::load("/nonexistent/ca.crt", "/x", "/y").unwrap_err();
-    assert!(matches!(err, TransportError::Io { .. }), "{err}");
+    assert!(matches!(err, TransportError::CertFile { .. }), "{err}");
+    assert!(err.to_string().contains("/nonexistent/ca.crt"), "{err}");
 }
 
 /// Two nodes that dial each other at the same moment each get a working connection; both
@@ -654,4 +668,211 @@ async fn simultaneous_dials_both_work() {
     // What each side sends on its dialed connection arrives on the other's accepted one.
     datagram_gets_through(&ab, &incoming[1], 1, b"a to b").await;
     datagram_gets_through(&ba, &incoming[0], 1, b"b to a").await;
+}
+
+/// Writes a CA and a node certificate into `dir` and returns the files.
+fn write_files(dir: &std::path::Path, ca: &CertPair, node: &CertPair) -> TlsFiles {
+    let files = TlsFiles {
+        ca: dir.join("ca.crt"),
+        cert: dir.join("node.crt"),
+        key: dir.join("node.key"),
+    };
+    std::fs::write(&files.ca, &ca.cert_pem).unwrap();
+    std::fs::write(&files.cert, &node.cert_pem).unwrap();
+    std::fs::write(&files.key, &node.key_pem).unwrap();
+    files
+}
+
+fn days(n: u64) -> Duration {
+    Duration::from_secs(n * 24 * 60 * 60)
+}
+
+#[test]
+fn certificate_files_are_checked_and_every_error_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = generate_ca("test").unwrap();
+    let id = PeerIdentity::new("a", Tier::Regional, "iad").unwrap();
+    let good = generate_node(&ca, &id, &[], &[]).unwrap();
+    let files = write_files(dir.path(), &ca, &good);
+    let now = std::time::SystemTime::now();
+    let loaded = load_checked(&files, now).unwrap();
+    assert!(loaded.leaf.seconds_left(now) > 0);
+
+    let expect = |files: &TlsFiles, path: &std::path::Path, words: &str| {
+        let err = load_checked(files, now).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&path.display().to_string()) && text.contains(words),
+            "expected {} and {words:?} in: {text}",
+            path.display()
+        );
+    };
+    // Missing.
+    let missing = TlsFiles {
+        key: dir.path().join("absent.key"),
+        ..files.clone()
+    };
+    expect(&missing, &missing.key, "unreadable");
+    // Garbage.
+    std::fs::write(&files.cert, "garbage").unwrap();
+    expect(&files, &files.cert, "not PEM");
+    // A key of another certificate.
+    let other = generate_node(&ca, &id, &[], &[]).unwrap();
+    std::fs::write(&files.cert, &good.cert_pem).unwrap();
+    std::fs::write(&files.key, &other.key_pem).unwrap();
+    expect(&files, &files.key, "does not match");
+    // Expired, and not yet valid.
+    for (from, to, words) in [
+        (now - days(30), now - days(1), "expired"),
+        (now + days(1), now + days(30), "not yet valid"),
+    ] {
+        let pair = generate_node_valid(&ca, &id, &[], &[], from, to).unwrap();
+        write_files(dir.path(), &ca, &pair);
+        expect(&files, &files.cert, words);
+    }
+    // Signed by another CA.
+    let stranger = generate_node(&generate_ca("other").unwrap(), &id, &[], &[]).unwrap();
+    write_files(dir.path(), &ca, &stranger);
+    expect(&files, &files.cert, "not signed by the CA");
+    // Unless the CA file only verifies the other side.
+    load_checked_with(&files, now, ChainCheck::Skipped).unwrap();
+}
+
+/// A dial that keeps failing (the peer refuses our CA) is retried with growing pauses: over a
+/// window in which the caller asks for a connection every 10 ms, only a handful of handshakes
+/// are attempted, the rest are refused at once as backing off.
+#[tokio::test]
+async fn a_peer_that_fails_the_handshake_is_redialed_with_growing_pauses() {
+    let (_ca, a, _b) = cluster_pair();
+    let stranger = bind(node_tls(
+        &generate_ca("other").unwrap(),
+        "x",
+        Tier::Regional,
+        "iad",
+    ));
+    let window = Duration::from_secs(3);
+    let start = tokio::time::Instant::now();
+    let mut attempts_at = Vec::new();
+    let mut last_attempts = 0;
+    let mut calls = 0;
+    while start.elapsed() < window {
+        let result = a.connect(stranger.local_addr()).await;
+        assert!(result.is_err(), "a stranger was connected");
+        calls += 1;
+        let attempts = a.stats().dials_attempted_total;
+        if attempts != last_attempts {
+            attempts_at.push(start.elapsed());
+            last_attempts = attempts;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = a.stats();
+    // Pauses of 125-250 ms, then 250-500, 500-1000, 1-2 s: at most 5 dials in 3 s.
+    assert!(
+        (3..=6).contains(&stats.dials_attempted_total),
+        "{} dials in {window:?} ({calls} calls): {attempts_at:?}",
+        stats.dials_attempted_total
+    );
+    assert!(stats.dials_backed_off_total > calls / 2, "{stats:?}");
+    let gaps: Vec<Duration> = attempts_at.windows(2).map(|w| w[1] - w[0]).collect();
+    for pair in gaps.windows(2) {
+        // Each pause is drawn from the upper half of a doubled ceiling, so it is never
+        // shorter than the one before; 60 ms absorbs polling and handshake time.
+        assert!(
+            pair[1] + Duration::from_millis(60) >= pair[0],
+            "pauses shrank: {gaps:?}"
+        );
+    }
+    assert!(
+        stranger.stats().handshakes_failed_total >= 1,
+        "{:?}",
+        stranger.stats()
+    );
+}
+
+/// After `reload_tls`, new connections present the new certificate.
+#[tokio::test]
+async fn reloaded_material_is_presented_on_new_connections() {
+    let (ca, a, b) = cluster_pair();
+    let id = PeerIdentity::new("b", Tier::Regional, "iad").unwrap();
+    let now = std::time::SystemTime::now();
+    let renewed = generate_node_valid(&ca, &id, &[], &[], now - days(1), now + days(90)).unwrap();
+    let tls = TlsConfig::from_pem(&ca.cert_pem, &renewed.cert_pem, &renewed.key_pem).unwrap();
+    b.reload_tls(&tls).unwrap();
+    let conn = within("a dials b", a.connect(b.local_addr()))
+        .await
+        .unwrap();
+    let seen = CertInfo::from_der(&peer_certificate(conn.connection()).unwrap()).unwrap();
+    let want = CertInfo::from_der(
+        &rustls::pki_types::CertificateDer::from_pem_slice(renewed.cert_pem.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(seen, want);
+    assert_eq!(b.stats().tls_reloads_total, 1);
+
+    // Another identity is refused and changes nothing.
+    let other = node_tls(&ca, "c", Tier::Regional, "iad");
+    assert!(b.reload_tls(&other).is_err());
+    assert_eq!(b.stats().tls_reloads_total, 1);
+}
+
+#[test]
+fn the_watcher_swaps_renewed_files_refuses_bad_ones_and_flags_expiry() {
+    use std::sync::Mutex;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = generate_ca("test").unwrap();
+    let id = PeerIdentity::new("a", Tier::Regional, "iad").unwrap();
+    let now = std::time::SystemTime::now();
+    // Two days left, with a 14-day threshold: expiring.
+    let short = generate_node_valid(&ca, &id, &[], &[], now - days(1), now + days(2)).unwrap();
+    let files = write_files(dir.path(), &ca, &short);
+    let applied = Arc::new(Mutex::new(Vec::new()));
+    let sink = applied.clone();
+    let mut watcher = CertWatcher::new(
+        vec![WatchedCert {
+            label: "gossip",
+            ca_label: "gossip_ca",
+            loaded: load_checked(&files, now).unwrap(),
+            chain: ChainCheck::Required,
+            apply: Some(Box::new(move |loaded: &LoadedTls| {
+                sink.lock().unwrap().push(loaded.leaf.serial.clone());
+                Ok(())
+            })),
+        }],
+        WatchOptions {
+            warn_before: days(14),
+        },
+    );
+    let status = watcher.poll(now);
+    assert_eq!(status[0].label, "gossip");
+    assert_eq!(status[0].state, CertState::Expiring);
+    assert!(
+        (days(2).as_secs() as i64 - 5..=days(2).as_secs() as i64).contains(&status[0].seconds_left),
+        "{status:?}"
+    );
+    assert_eq!(status[1].label, "gossip_ca");
+    assert_eq!(status[1].state, CertState::Valid);
+    // Past its end: expired.
+    let later = watcher.poll(now + days(3));
+    assert_eq!(later[0].state, CertState::Expired);
+    assert!(applied.lock().unwrap().is_empty());
+
+    // A renewed certificate is applied.
+    let long = generate_node_valid(&ca, &id, &[], &[], now - days(1), now + days(90)).unwrap();
+    write_files(dir.path(), &ca, &long);
+    let status = watcher.poll(now);
+    assert_eq!(status[0].state, CertState::Valid);
+    assert_eq!(status[0].refused, None);
+    assert_eq!(
+        applied.lock().unwrap().as_slice(),
+        [status[0].info.serial.clone()]
+    );
+
+    // A broken renewal is refused, naming the file, and the certificate in use stays.
+    std::fs::write(&files.cert, "garbage").unwrap();
+    let refused = watcher.poll(now);
+    assert_eq!(refused[0].info, status[0].info);
+    let why = refused[0].refused.clone().unwrap();
+    assert!(why.contains(&files.cert.display().to_string()), "{why}");
+    assert_eq!(applied.lock().unwrap().len(), 1);
 }

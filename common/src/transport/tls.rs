@@ -36,6 +36,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureS
 use serde::{Deserialize, Serialize};
 
 use super::error::TransportError;
+use super::material::{LoadedTls, TlsFiles, load_checked};
 
 /// The ALPN protocol of node-to-node QUIC connections. A peer that does not offer it fails the
 /// handshake, so an incompatible wire protocol is refused before any frame is read.
@@ -240,6 +241,13 @@ pub fn peer_identity(conn: &quinn::Connection) -> Option<PeerIdentity> {
     identity_from_der(chain.first()?).ok()
 }
 
+/// The certificate the peer of a QUIC connection presented (its own, first in its chain).
+pub fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    let any = conn.peer_identity()?;
+    let chain = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().cloned()
+}
+
 /// A predicate over peer identities, shared by the verifiers.
 type PeerFilter = Arc<dyn Fn(&PeerIdentity) -> bool + Send + Sync>;
 
@@ -298,20 +306,40 @@ impl TlsConfig {
         Self::from_der(ca, chain, key)
     }
 
-    /// Reads the three PEM files and calls [`TlsConfig::from_pem`].
+    /// Reads the three PEM files, checks them (see [`load_checked`]: readable, PEM, within
+    /// validity now, key matching, signed by the CA) and builds the configuration. Every error
+    /// names the file at fault.
     pub fn load(
         ca_path: impl AsRef<Path>,
         cert_path: impl AsRef<Path>,
         key_path: impl AsRef<Path>,
     ) -> Result<Self, TransportError> {
-        let read = |path: &Path| {
-            std::fs::read_to_string(path)
-                .map_err(|e| TransportError::io(format!("reading {}", path.display()), e))
+        let files = TlsFiles {
+            ca: ca_path.as_ref().to_owned(),
+            cert: cert_path.as_ref().to_owned(),
+            key: key_path.as_ref().to_owned(),
         };
-        let ca = read(ca_path.as_ref())?;
-        let cert = read(cert_path.as_ref())?;
-        let key = read(key_path.as_ref())?;
-        Self::from_pem(&ca, &cert, &key)
+        let loaded = load_checked(&files, std::time::SystemTime::now())?;
+        Self::from_loaded(&loaded)
+    }
+
+    /// The configuration of checked material; an error naming the certificate file if it
+    /// carries no strata identity.
+    pub fn from_loaded(loaded: &LoadedTls) -> Result<Self, TransportError> {
+        Self::from_der(
+            loaded.roots.clone(),
+            loaded.chain.clone(),
+            loaded.key.clone_key(),
+        )
+        .map_err(|e| match e {
+            TransportError::Certificate(reason) | TransportError::InvalidIdentity(reason) => {
+                TransportError::CertFile {
+                    path: loaded.files.cert.clone(),
+                    reason,
+                }
+            }
+            other => other,
+        })
     }
 
     fn from_der(
@@ -443,6 +471,32 @@ impl TlsConfig {
             Arc::new(accept),
             "a server this client's filter accepts".into(),
         )
+    }
+
+    /// The rustls server configuration of the gRPC API: TLS 1.2 or 1.3 (gRPC clients in other
+    /// languages may lack 1.3), ALPN `h2`, this node's certificate, and a required client
+    /// certificate that chains to the CA. It does not require a strata identity: a certificate
+    /// without one may read, and the API decides per request who may write (`api::caller`).
+    pub fn api_server_config(loaded: &LoadedTls) -> Result<rustls::ServerConfig, TransportError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        for cert in &loaded.roots {
+            roots
+                .add(cert.clone())
+                .map_err(|e| TransportError::CertFile {
+                    path: loaded.files.ca.clone(),
+                    reason: format!("not a usable CA certificate: {e}"),
+                })?;
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(loaded.chain.clone(), loaded.key.clone_key())?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
     }
 
     fn same_cluster_filter(&self) -> (PeerFilter, String) {

@@ -218,6 +218,7 @@ impl Node {
                 subscriptions_max: config.api.subscriptions_max,
                 subscriber_buffer: config.api.subscriber_buffer,
                 history: config.api.subscription_history,
+                query_timeout: std::time::Duration::from_millis(config.api.query_timeout_ms),
             },
             Arc::clone(&metrics),
             tracker.clone(),
@@ -345,6 +346,8 @@ impl Node {
     /// closes the transport and the store.
     pub async fn shutdown(self) {
         self.cancel.cancel();
+        // Client statements still running stop now, so the tasks serving them end in time.
+        self.store.close();
         self.tracker.close();
         if tokio::time::timeout(SHUTDOWN_WAIT_MAX, self.tracker.wait())
             .await

@@ -487,6 +487,11 @@ impl MetricSource for StoreSource {
                 "Remote timestamps far ahead of the wall clock.",
                 s.far_future_total,
             ),
+            counter(
+                "strata_store_stopped_statements",
+                "Client statements stopped for their deadline, their caller leaving or shutdown.",
+                s.stopped_total,
+            ),
             Sample {
                 name: "strata_store_head",
                 help: "This node's latest version.",

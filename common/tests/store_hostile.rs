@@ -212,6 +212,7 @@ fn a_never_ending_transaction_stops_at_its_deadline_and_the_writer_serves_the_ne
         other => panic!("expected DeadlineExceeded, got {other:?}"),
     }
     assert!(took < COME_BACK_MAX, "took {took:?}");
+    assert_eq!(node.store.stats().stopped_total, 1);
     assert_eq!(node.count(), 0);
     assert_eq!(node.store.head(), 0);
     assert_eq!(
@@ -421,7 +422,12 @@ fn queries_cannot_set_pragmas_attach_or_read_the_store_tables_and_the_reader_sta
         let result = node.store.query(sql, &[]);
         assert!(result.is_err(), "{sql}: {result:?}");
     }
+    let copy = node.dir.path().join("copy.sqlite");
+    let vacuum = format!("VACUUM INTO '{}'", copy.display());
     for sql in [
+        vacuum.as_str(),
+        "ANALYZE",
+        "REINDEX",
         "DELETE FROM machines",
         "CREATE TEMP TABLE t (x)",
         "INSERT INTO machines (id) VALUES ('x')",
@@ -435,6 +441,7 @@ fn queries_cannot_set_pragmas_attach_or_read_the_store_tables_and_the_reader_sta
             "{sql}: {result:?}"
         );
     }
+    assert!(!copy.exists(), "VACUUM INTO wrote a copy");
     // The one pooled reader is as it was opened.
     let (query_only, heap, databases) = node
         .store

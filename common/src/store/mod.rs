@@ -284,6 +284,7 @@ pub(crate) struct Stats {
     pub(crate) parked_total: AtomicU64,
     pub(crate) merged_changes_total: AtomicU64,
     pub(crate) far_future_total: AtomicU64,
+    pub(crate) stopped_total: AtomicU64,
 }
 
 /// A snapshot of the store's counters.
@@ -307,6 +308,9 @@ pub struct StoreStats {
     pub merged_changes_total: u64,
     /// Remote timestamps far ahead of our wall clock (applied anyway).
     pub far_future_total: u64,
+    /// Client statements stopped (or never run) for their deadline, their caller going away or
+    /// the store closing.
+    pub stopped_total: u64,
 }
 
 /// The tables of the current schema, shared by the writer and the readers.
@@ -624,6 +628,7 @@ impl Store {
         // request, its answer (which the writer bounds by the deadline) is the true outcome.
         match tokio::time::timeout(wait, self.sender()?.send_async(request)).await {
             Err(_) => {
+                self.count_stopped();
                 return Err(limit.error(deadline::Stop::Deadline, "transaction (still queued)"));
             }
             Ok(Err(_)) => return Err(StoreError::Closed),
@@ -783,6 +788,7 @@ impl Store {
     ) -> Result<()> {
         if let Some(why) = deadline.and_then(Deadline::stop) {
             let deadline = deadline.unwrap_or_else(|| unreachable!("stop came from it"));
+            self.count_stopped();
             return Err(deadline.error(why, "query (still queued)"));
         }
         let sql_bytes_max = self.inner.shared.options.sql_bytes_max;
@@ -796,6 +802,7 @@ impl Store {
         self.inner.readers.with_client(deadline, |reader| {
             let fail = |err: rusqlite::Error| {
                 if let Some(stopped) = deadline::stopped(reader.guard(), deadline, "query") {
+                    self.count_stopped();
                     return stopped;
                 }
                 // The authorizer's reason, when it refused, is the precise one.
@@ -949,6 +956,14 @@ impl Store {
         }
     }
 
+    fn count_stopped(&self) {
+        self.inner
+            .shared
+            .stats
+            .stopped_total
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The store's counters.
     pub fn stats(&self) -> StoreStats {
         let s = &self.inner.shared.stats;
@@ -963,6 +978,7 @@ impl Store {
             parked_total: get(&s.parked_total),
             merged_changes_total: get(&s.merged_changes_total),
             far_future_total: get(&s.far_future_total),
+            stopped_total: get(&s.stopped_total),
         }
     }
 }

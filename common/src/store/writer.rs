@@ -9,6 +9,12 @@
 //! again one request per transaction, so it fails alone. No savepoints: inside a savepoint every
 //! statement of a large request costs time in proportion to the pages the request touched.
 //!
+//! A client's statements run under the writer rules (see `authorize`), are prepared under cache
+//! keys the store's own SQL never uses, and stop at their deadline, when their caller goes away
+//! or when the store closes (see `deadline`); a request stopped in a group is refused, not rerun,
+//! when the group is retried request by request. A full disk answers `DiskFull`, is recorded
+//! for health, and is cleared by the next successful commit.
+//!
 //! Replies and the commit event go out only after the commit, and the bookkeeping cache is
 //! replaced only then, so nothing ever reports a version the database does not hold.
 //!
@@ -259,6 +265,8 @@ impl Writer {
             let one = std::slice::from_ref(changeset);
             match self.alone(|w, batch| w.run_apply(one, wall_ms, batch)) {
                 Ok(applied) => total.absorb(applied),
+                // Not the changeset's fault: it stays missing and is fetched again later.
+                Err(StoreError::DiskFull { .. }) => {}
                 Err(err) => total.absorb(rejected_all(one, &err)),
             }
         }
@@ -423,6 +431,7 @@ impl Writer {
         // request, so it never runs twice.
         if let Some(why) = deadline.and_then(Deadline::stop) {
             let deadline = deadline.unwrap_or_else(|| unreachable!("stop came from it"));
+            self.count_stopped();
             return Err(Failure::Clean(deadline.error(why, "transaction")));
         }
         let limits = &self.shared.options;
@@ -557,6 +566,13 @@ impl Writer {
         Ok(stmt)
     }
 
+    fn count_stopped(&self) {
+        self.shared
+            .stats
+            .stopped_total
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Turns a SQLite error from a user statement into the precise store error.
     fn classify(
         &self,
@@ -567,6 +583,7 @@ impl Writer {
         if let Some(stopped) =
             deadline::stopped(&self.guard, deadline, &format!("statement {index}"))
         {
+            self.count_stopped();
             return stopped;
         }
         if let Some(captured) = self.capture.take_error() {

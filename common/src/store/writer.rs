@@ -447,7 +447,18 @@ impl Writer {
         let ts = self.clock.tick(wall_ms);
         let version = head + 1;
         self.guard.arm(deadline);
-        let result = self.run_statements(statements, deadline, version, ts);
+        let result = self
+            .run_statements(statements, deadline, version, ts)
+            .map_err(|err| {
+                // The store's bookkeeping SQL between client statements can be stopped too.
+                match deadline::stopped(&self.guard, deadline, "transaction") {
+                    Some(stopped) => {
+                        self.count_stopped();
+                        stopped
+                    }
+                    None => err,
+                }
+            });
         self.guard.disarm();
         self.capture.set_capturing(false);
         self.user_mode.store(false, Ordering::Relaxed);

@@ -210,6 +210,12 @@ pub struct ApiSection {
     pub subscriber_buffer: usize,
     /// Changes a subscription keeps for subscribers resuming from a change id.
     pub subscription_history: usize,
+    /// Longest time one `Transact` may take, ms: it holds the single writer, so a statement
+    /// without an end must not hold it longer. A smaller client deadline (`grpc-timeout`) wins.
+    pub transact_timeout_ms: u64,
+    /// Longest time one `Query` (or one run of a subscription's query) may take, ms: it holds a
+    /// reader connection. A smaller client deadline wins.
+    pub query_timeout_ms: u64,
 }
 
 impl Default for ApiSection {
@@ -224,6 +230,8 @@ impl Default for ApiSection {
             subscriptions_max: 1024,
             subscriber_buffer: 1024,
             subscription_history: 1024,
+            transact_timeout_ms: 5_000,
+            query_timeout_ms: 30_000,
         }
     }
 }

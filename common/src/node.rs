@@ -247,6 +247,7 @@ impl Node {
                 subscriptions_max: config.api.subscriptions_max,
                 subscriber_buffer: config.api.subscriber_buffer,
                 history: config.api.subscription_history,
+                query_timeout: std::time::Duration::from_millis(config.api.query_timeout_ms),
             },
             Arc::clone(&metrics),
             tracker.clone(),
@@ -407,6 +408,8 @@ impl Node {
     /// closes the transport and the store.
     pub async fn shutdown(self) {
         self.cancel.cancel();
+        // Client statements still running stop now, so the tasks serving them end in time.
+        self.store.close();
         self.tracker.close();
         if tokio::time::timeout(SHUTDOWN_WAIT_MAX, self.tracker.wait())
             .await
@@ -754,6 +757,11 @@ impl MetricSource for StoreSource {
                 "strata_store_far_future_timestamps",
                 "Remote timestamps far ahead of the wall clock.",
                 s.far_future_total,
+            ),
+            counter(
+                "strata_store_stopped_statements",
+                "Client statements stopped for their deadline, their caller leaving or shutdown.",
+                s.stopped_total,
             ),
             Sample {
                 name: "strata_store_head",

@@ -631,3 +631,122 @@ async fn a_folded_subscription_equals_a_fresh_query_after_random_writes() {
     }
     cluster.shutdown().await;
 }
+
+/// A statement that never ends: an unbounded recursion whose rows are all filtered out.
+const ENDLESS_INSERT: &str = "INSERT INTO machines (id) \
+     WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) \
+     SELECT 'm' || x FROM c WHERE x < 0";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_statements_get_precise_statuses_change_nothing_and_the_node_keeps_serving() {
+    let cluster = TestCluster::start_with(1, "ams", strata_regional::spec(), |c| {
+        c.api.transact_timeout_ms = 500;
+        c.api.query_timeout_ms = 500;
+    })
+    .await;
+    let client = cluster.client(0).await;
+    client.transact(vec![insert("m1")]).await.unwrap();
+    let endless_query =
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+    let transact_cases: Vec<(Vec<Statement>, Code, &str)> = vec![
+        (
+            vec![Statement::new(ENDLESS_INSERT)],
+            Code::DeadlineExceeded,
+            "api.transact_timeout_ms",
+        ),
+        (
+            vec![insert("a"), Statement::new("ROLLBACK"), insert("b")],
+            Code::InvalidArgument,
+            "statement 1",
+        ),
+        (
+            vec![insert("a"), Statement::new("SAVEPOINT s")],
+            Code::InvalidArgument,
+            "statement 1",
+        ),
+        (
+            vec![Statement::with_params(
+                "UPDATE __strata_sites SET head = ?2, hlc = ?3 WHERE ord = ?1",
+                vec![Value::Integer(1), Value::Integer(1000), Value::Integer(0)],
+            )],
+            Code::InvalidArgument,
+            "__strata_sites",
+        ),
+        (
+            vec![Statement::new(
+                "UPDATE machines SET image = printf('%.*c', 30000000, 'x') WHERE id = 'm1'",
+            )],
+            Code::InvalidArgument,
+            "\"image\"",
+        ),
+        (
+            vec![Statement::new(
+                "UPDATE machines SET image = CAST(x'fffe80' AS TEXT) WHERE id = 'm1'",
+            )],
+            Code::InvalidArgument,
+            "UTF-8",
+        ),
+    ];
+    for (statements, expected, named) in transact_cases {
+        let shown: String = statements[0].sql.chars().take(60).collect();
+        match client.transact(statements).await.unwrap_err() {
+            ClientError::Status(status) => {
+                assert_eq!(status.code(), expected, "{shown}: {status:?}");
+                assert!(status.message().contains(named), "{shown}: {status:?}");
+            }
+            other => panic!("{shown}: expected a status, got {other}"),
+        }
+    }
+    let query_cases = [
+        (endless_query, Code::DeadlineExceeded),
+        ("PRAGMA hard_heap_limit = 1", Code::InvalidArgument),
+        ("PRAGMA query_only = 0", Code::InvalidArgument),
+        ("ATTACH '/etc/hostname' AS h", Code::InvalidArgument),
+        ("SELECT * FROM __strata_sites", Code::InvalidArgument),
+    ];
+    for (sql, expected) in query_cases {
+        assert_eq!(
+            code(client.query(sql, vec![]).await.unwrap_err()),
+            expected,
+            "{sql}"
+        );
+    }
+    // A client deadline shorter than the node's maximum stops the statement as well.
+    let mut raw = client.raw();
+    let mut request = tonic::Request::new(pb::QueryRequest {
+        statement: Some(pb::Statement {
+            sql: endless_query.into(),
+            params: vec![],
+        }),
+    });
+    request.set_timeout(Duration::from_millis(200));
+    // The header (column names) may go out before the statement runs; the status then ends
+    // the stream.
+    let status = match raw.query(request).await {
+        Err(status) => status,
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            loop {
+                match stream.message().await {
+                    Ok(Some(message)) => assert!(message.rows.is_empty(), "{message:?}"),
+                    Ok(None) => panic!("the endless query ended without an error"),
+                    Err(status) => break status,
+                }
+            }
+        }
+    };
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // Nothing changed, and the node still writes and reads.
+    let rows = client
+        .query("SELECT id, image FROM machines ORDER BY id", vec![])
+        .await
+        .unwrap();
+    assert_eq!(rows.rows.len(), 1, "{:?}", rows.rows);
+    assert_eq!(client.health().await.unwrap().head, 1);
+    client.transact(vec![insert("m2")]).await.unwrap();
+    assert_eq!(client.health().await.unwrap().head, 2);
+    cluster.shutdown().await;
+}

@@ -1,7 +1,8 @@
 //! The `Strata` gRPC service: transact, query, subscribe, members, health.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use strata_proto::v1 as pb;
@@ -16,7 +17,7 @@ use super::subscribe::{EventStream, Hub};
 use crate::cluster::driver::Cluster;
 use crate::config::ApiSection;
 use crate::metrics::{ApiLabels, MethodLabel, Metrics};
-use crate::store::{Statement, Store};
+use crate::store::{Deadline, Statement, Store};
 use crate::transport::PeerIdentity;
 
 /// The service both tiers serve.
@@ -58,6 +59,7 @@ impl StrataService {
     async fn transact_inner(
         &self,
         request: pb::TransactRequest,
+        deadline: Deadline,
     ) -> Result<pb::TransactResponse, Status> {
         self.check_size(request.encoded_len())?;
         if request.statements.is_empty() {
@@ -71,7 +73,11 @@ impl StrataService {
             .enumerate()
             .map(|(index, statement)| statement_from_pb(statement, index))
             .collect::<Result<_, _>>()?;
-        let committed = self.store.transact(statements).await.map_err(from_store)?;
+        let committed = self
+            .store
+            .transact_within(statements, deadline)
+            .await
+            .map_err(from_store)?;
         Ok(pb::TransactResponse {
             site: self.store.site().0.to_vec(),
             version: committed.version.unwrap_or(0),
@@ -83,7 +89,11 @@ impl StrataService {
         })
     }
 
-    async fn query_inner(&self, request: pb::QueryRequest) -> Result<QueryStream, Status> {
+    async fn query_inner(
+        &self,
+        request: pb::QueryRequest,
+        deadline: Deadline,
+    ) -> Result<QueryStream, Status> {
         self.check_size(request.encoded_len())?;
         let statement = statement_from_pb(
             request
@@ -95,12 +105,25 @@ impl StrataService {
         let (started_tx, started_rx) = oneshot::channel::<Result<(), Status>>();
         let store = self.store.clone();
         let batch_rows = self.config.query_batch_rows.max(1);
+        // The client going away (the stream dropped) stops the query inside SQLite.
+        let gone = Arc::new(AtomicBool::new(false));
+        let deadline = deadline.cancelled_by(Arc::clone(&gone));
+        let (done, finished) = oneshot::channel::<()>();
+        let watched = tx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = watched.closed() => gone.store(true, Ordering::Relaxed),
+                _ = finished => {}
+            }
+        });
         tokio::task::spawn_blocking(move || {
+            let _done = done;
             let mut started = Some(started_tx);
             let mut batch = Vec::with_capacity(batch_rows);
-            let result = store.query_each(
+            let result = store.query_each_within(
                 &statement.sql,
                 &statement.params,
+                &deadline,
                 |columns| {
                     if let Some(started) = started.take() {
                         let _ = started.send(Ok(()));
@@ -227,8 +250,13 @@ impl Strata for StrataService {
     ) -> Result<Response<pb::TransactResponse>, Status> {
         let started = Instant::now();
         let caller = super::caller(&request, self.config.tls.is_some());
+        let deadline = client_deadline(
+            request.metadata(),
+            Duration::from_millis(self.config.transact_timeout_ms),
+            "api.transact_timeout_ms",
+        );
         let result = match super::check_writer(&caller, &self.me) {
-            Ok(()) => self.transact_inner(request.into_inner()).await,
+            Ok(()) => self.transact_inner(request.into_inner(), deadline).await,
             Err(status) => Err(status),
         };
         self.observe("transact", started, &result);
@@ -242,7 +270,12 @@ impl Strata for StrataService {
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<QueryStream>, Status> {
         let started = Instant::now();
-        let result = self.query_inner(request.into_inner()).await;
+        let deadline = client_deadline(
+            request.metadata(),
+            Duration::from_millis(self.config.query_timeout_ms),
+            "api.query_timeout_ms",
+        );
+        let result = self.query_inner(request.into_inner(), deadline).await;
         self.observe("query", started, &result);
         result.map(Response::new)
     }
@@ -284,6 +317,42 @@ impl Strata for StrataService {
     }
 }
 
+/// The deadline of a call: the smaller of the client's (`grpc-timeout`) and `max`, named by
+/// `max_key` (its configuration key) when that is the one that applies.
+fn client_deadline(
+    metadata: &tonic::metadata::MetadataMap,
+    max: Duration,
+    max_key: &str,
+) -> Deadline {
+    let client = metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    match client {
+        Some(timeout) if timeout < max => Deadline::after(timeout, "the client's grpc-timeout"),
+        _ => Deadline::after(max, max_key),
+    }
+}
+
+/// Parses a `grpc-timeout` header value: at most 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let unit = value.chars().last()?;
+    let digits = &value[..value.len() - unit.len_utf8()];
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        'H' => Duration::from_secs(n.saturating_mul(3600)),
+        'M' => Duration::from_secs(n.saturating_mul(60)),
+        'S' => Duration::from_secs(n),
+        'm' => Duration::from_millis(n),
+        'u' => Duration::from_micros(n),
+        'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// The gRPC code's name as the specification spells it, for metric labels.
 fn code_name(code: Code) -> &'static str {
     match code {
@@ -304,5 +373,36 @@ fn code_name(code: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_garbage_is_ignored() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "S", "123456789S", "5s", "-5S", "5", "é"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_smaller_of_the_client_deadline_and_the_maximum_applies() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("grpc-timeout", "100m".parse().unwrap());
+        let deadline = client_deadline(&metadata, Duration::from_secs(5), "api.x");
+        assert!(deadline.at() <= Instant::now() + Duration::from_millis(100));
+        let deadline = client_deadline(&metadata, Duration::from_millis(10), "api.x");
+        assert!(deadline.at() <= Instant::now() + Duration::from_millis(10));
+        let none = tonic::metadata::MetadataMap::new();
+        let deadline = client_deadline(&none, Duration::from_secs(5), "api.x");
+        assert!(deadline.at() > Instant::now() + Duration::from_secs(4));
     }
 }

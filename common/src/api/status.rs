@@ -20,6 +20,10 @@ pub fn from_store(err: StoreError) -> Status {
             Status::resource_exhausted(message)
         }
         StoreError::Closed => Status::unavailable(message),
+        StoreError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
+        StoreError::Cancelled(_) => Status::cancelled(message),
+        // The writer logs the change to and from a full disk once; not here per request.
+        StoreError::DiskFull { .. } => Status::resource_exhausted(message),
         StoreError::Corrupt(_) | StoreError::Sqlite(_) | StoreError::Io(_) => {
             tracing::error!(error = %message, "storage failed");
             Status::internal(message)
@@ -62,6 +66,21 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (StoreError::Closed, Code::Unavailable),
+            (
+                StoreError::DeadlineExceeded {
+                    what: "query".into(),
+                    limit: "1s".into(),
+                },
+                Code::DeadlineExceeded,
+            ),
+            (StoreError::Cancelled("query".into()), Code::Cancelled),
+            (
+                StoreError::DiskFull {
+                    file: "/d/store.db".into(),
+                    dir: "/d".into(),
+                },
+                Code::ResourceExhausted,
+            ),
             (StoreError::Corrupt("x".into()), Code::Internal),
         ];
         for (err, code) in cases {

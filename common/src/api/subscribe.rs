@@ -37,7 +37,7 @@ use tonic::Status;
 use super::convert::{row_to_pb, statement_from_pb};
 use super::status::from_store;
 use crate::metrics::Metrics;
-use crate::store::{Statement, Store, Value};
+use crate::store::{Deadline, Statement, Store, Value};
 
 /// How long a matcher without subscribers stays, so a reconnecting subscriber can resume.
 const LINGER: Duration = Duration::from_secs(60);
@@ -54,6 +54,9 @@ pub struct HubConfig {
     pub subscriber_buffer: usize,
     /// Changes each query keeps for resuming subscribers.
     pub history: usize,
+    /// Longest time one run of a subscription's query may take (`api.query_timeout_ms`): it
+    /// holds a reader connection, and a query without an end must give it back.
+    pub query_timeout: Duration,
 }
 
 /// The stream a subscriber reads.
@@ -181,7 +184,7 @@ impl Hub {
                 self.config.subscriptions_max
             )));
         }
-        let (columns, rows) = run(&self.store, &statement).await?;
+        let (columns, rows) = run(&self.store, &statement, self.config.query_timeout).await?;
         let key_positions = if key_columns.is_empty() {
             vec![0]
         } else {
@@ -418,7 +421,7 @@ impl Hub {
                     }
                     self.reread(&matcher, incremental, pending.keys).await
                 }
-                _ => run(&self.store, &matcher.statement)
+                _ => run(&self.store, &matcher.statement, self.config.query_timeout)
                     .await
                     .map(|(_, rows)| self.publish(&matcher, keyed(rows, &matcher.key_positions))),
             };
@@ -459,7 +462,7 @@ impl Hub {
             .collect();
         let sql = format!("{}{})", incremental.filtered_sql, placeholders.join(", "));
         let statement = Statement { sql, params };
-        let (_, rows) = run(&self.store, &statement).await?;
+        let (_, rows) = run(&self.store, &statement, self.config.query_timeout).await?;
         let fresh = keyed(rows, &matcher.key_positions);
         let mut changes = Vec::new();
         {
@@ -532,17 +535,21 @@ impl Hub {
     }
 }
 
-/// Runs a subscription's query on a reader.
+/// Runs a subscription's query on a reader, stopped after `timeout`.
 async fn run(
     store: &Store,
     statement: &Statement,
+    timeout: Duration,
 ) -> Result<(Vec<String>, Vec<Vec<Value>>), Status> {
     let store = store.clone();
     let statement = statement.clone();
-    let rows = tokio::task::spawn_blocking(move || store.query(&statement.sql, &statement.params))
-        .await
-        .map_err(|err| Status::internal(format!("query task failed: {err}")))?
-        .map_err(from_store)?;
+    let deadline = Deadline::after(timeout, "api.query_timeout_ms");
+    let rows = tokio::task::spawn_blocking(move || {
+        store.query_within(&statement.sql, &statement.params, &deadline)
+    })
+    .await
+    .map_err(|err| Status::internal(format!("query task failed: {err}")))?
+    .map_err(from_store)?;
     Ok((rows.columns, rows.rows))
 }
 

@@ -19,7 +19,9 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Error as SqlError};
 
 use super::table::{OP_INSERT, OP_UPDATE, Table};
-use super::value::{PkError, Value, display_pk, pack_pk};
+use super::value::{
+    CELL_BYTES_MAX, PkError, Unreplicable, Value, check_replicable, display_pk, pack_pk,
+};
 
 /// What a trigger saw happen to one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +49,12 @@ pub(crate) enum CaptureError {
     KeyUpdate { table: String, pk: String },
     #[error("table \"{table}\": {source}")]
     Key { table: String, source: PkError },
+    #[error("table \"{table}\" column \"{column}\": {why}; such a value cannot replicate")]
+    Unreplicable {
+        table: String,
+        column: String,
+        why: Unreplicable,
+    },
     #[error("transaction changes more than {limit} cells")]
     TooManyCells { limit: usize },
     #[error("capture called for unknown table id {0}")]
@@ -156,13 +164,35 @@ impl Capture {
             table: table.name().to_owned(),
             source,
         };
+        // What every receiver would reject is refused here, before it is committed.
+        let replicable = |position: usize, value: ValueRef<'_>| {
+            check_replicable(value).map_err(|why| CaptureError::Unreplicable {
+                table: table.name().to_owned(),
+                column: table.column_name(position).to_owned(),
+                why,
+            })
+        };
+        for (j, &position) in table.key.iter().enumerate() {
+            replicable(position, ctx.get_raw(2 + j))?;
+        }
         let pk = pack_pk((2..2 + keys).map(|i| ctx.get_raw(i))).map_err(key_error)?;
+        if pk.len() > CELL_BYTES_MAX {
+            return Err(CaptureError::Unreplicable {
+                table: table.name().to_owned(),
+                column: table.def.primary_key().join(", "),
+                why: Unreplicable::TooLarge {
+                    size: pk.len(),
+                    limit: CELL_BYTES_MAX,
+                },
+            });
+        }
         let mut cells = Vec::new();
         let op = match op {
             OP_INSERT => {
                 for (j, &position) in table.tracked.iter().enumerate() {
                     let new = ctx.get_raw(2 + keys + j);
                     if !table.default_of(position).same_as(new) {
+                        replicable(position, new)?;
                         cells.push((position, Value::from_ref(new)));
                     }
                 }
@@ -181,6 +211,7 @@ impl Capture {
                     let old = ctx.get_raw(2 + 2 * keys + 2 * j);
                     let new = ctx.get_raw(2 + 2 * keys + 2 * j + 1);
                     if !same(old, new) {
+                        replicable(position, new)?;
                         cells.push((position, Value::from_ref(new)));
                     }
                 }

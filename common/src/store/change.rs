@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::StoreError;
 use super::hlc::Timestamp;
-use super::value::{Value, unpack_pk};
+use super::value::{CELL_BYTES_MAX, Value, check_replicable, unpack_pk};
 
 /// A site: one writer identity, 16 random bytes made when a store is created.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -147,6 +147,20 @@ impl Changeset {
                 return bad("empty table name".into());
             }
             unpack_pk(&change.pk)?;
+            if change.pk.len() > CELL_BYTES_MAX {
+                return bad(format!(
+                    "table \"{}\": primary key of {} bytes is over the limit of {CELL_BYTES_MAX} bytes",
+                    change.table,
+                    change.pk.len()
+                ));
+            }
+            if let Err(why) = check_replicable(change.value.as_value_ref()) {
+                return bad(format!(
+                    "table \"{}\" column \"{}\": {why}",
+                    change.table,
+                    change.column.as_deref().unwrap_or("(row)")
+                ));
+            }
         }
         Ok(())
     }
@@ -265,5 +279,17 @@ mod tests {
         let mut bad = version(&[0], 0);
         bad.version = 0;
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn validation_rejects_a_value_over_the_cell_limit_naming_table_and_column() {
+        let mut big = version(&[0], 0);
+        big.changes[0].value = Value::Blob(vec![0; CELL_BYTES_MAX + 1]);
+        let err = big.validate().unwrap_err().to_string();
+        assert!(err.contains("\"t\"") && err.contains("\"c\""), "{err}");
+        assert!(err.contains(&CELL_BYTES_MAX.to_string()), "{err}");
+        let mut fits = version(&[0], 0);
+        fits.changes[0].value = Value::Blob(vec![0; CELL_BYTES_MAX]);
+        fits.validate().unwrap();
     }
 }

@@ -96,6 +96,31 @@ pub enum StoreError {
     /// The store was closed.
     #[error("store is closed")]
     Closed,
+
+    /// A client's statement was stopped at its deadline (or the deadline passed while the request
+    /// waited in the queue). Nothing changed; a retry with a longer deadline or a cheaper
+    /// statement may help.
+    #[error("{what} stopped at its deadline of {limit}; nothing changed")]
+    DeadlineExceeded {
+        /// What was stopped ("statement 2", "query", "request (still queued)").
+        what: String,
+        /// The limit that applied, and where it came from.
+        limit: String,
+    },
+
+    /// The caller went away, so its statement was stopped. Nothing changed.
+    #[error("{0} was cancelled: its caller went away; nothing changed")]
+    Cancelled(String),
+
+    /// The disk holding the database is full. The transaction was rolled back and nothing changed;
+    /// a retry helps once space is freed.
+    #[error("disk full: cannot write {file} (file system of {dir})")]
+    DiskFull {
+        /// The database file.
+        file: String,
+        /// The directory whose file system is full.
+        dir: String,
+    },
 }
 
 impl StoreError {
@@ -108,6 +133,9 @@ impl StoreError {
                 | StoreError::Io(_)
                 | StoreError::Closed
                 | StoreError::Corrupt(_)
+                | StoreError::DeadlineExceeded { .. }
+                | StoreError::Cancelled(_)
+                | StoreError::DiskFull { .. }
         )
     }
 }

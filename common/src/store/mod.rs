@@ -20,11 +20,13 @@
 
 mod activity;
 mod apply;
+mod authorize;
 mod book;
 mod capture;
 mod change;
 mod checkpoint;
 mod clock;
+mod deadline;
 mod dump;
 mod error;
 mod extract;
@@ -51,15 +53,19 @@ use tokio::sync::{broadcast, oneshot};
 pub use activity::StoreHealth;
 pub use book::SiteState;
 pub use change::{Change, Changeset, SiteId};
+pub use deadline::Deadline;
 pub use error::{Result, StoreError};
 pub use hlc::{Timestamp, WallClock};
 pub use meta::FreshReason;
 pub use schema::{ColumnDef, IndexDef, Refusal, Schema, SchemaRefusal, TableDef};
-pub use value::{PkError, Value, display_pk, pack_pk, unpack_pk};
+pub use value::{
+    CELL_BYTES_MAX, PkError, Unreplicable, Value, check_replicable, display_pk, pack_pk, unpack_pk,
+};
 
 use activity::{Activity, Worker};
 use book::{Books, Ord};
 use capture::Capture;
+use deadline::{CancelOnDrop, Guard};
 use readers::Readers;
 use table::Table;
 use writer::{Request, Writer};
@@ -107,6 +113,9 @@ pub struct StoreOptions {
     pub boot_id: Option<String>,
     /// Where wall-clock time comes from (the physical part of timestamps).
     pub wall_clock: WallClock,
+    /// For tests: the database may grow to this many pages at most (SQLite's `max_page_count`),
+    /// so that a full disk can be simulated without a real one. `None` in production.
+    pub page_count_max: Option<u32>,
 }
 
 impl Default for StoreOptions {
@@ -126,8 +135,29 @@ impl Default for StoreOptions {
             query_rows_max: 100_000,
             boot_id: None,
             wall_clock: WallClock::System,
+            page_count_max: None,
         }
     }
+}
+
+/// The longest TEXT or BLOB, bytes, any value on any of the store's connections may have
+/// (SQLite's `SQLITE_LIMIT_LENGTH`, which also bounds a row's record): bounds the memory one
+/// expression such as `printf('%.*c', 900000000, 'x')` or `zeroblob(n)` can take. Values that
+/// replicate are bounded far lower ([`CELL_BYTES_MAX`]); this leaves room for rows of several
+/// such cells and for values a query only computes.
+pub const SQLITE_VALUE_BYTES_MAX: i32 = 32 << 20;
+
+/// The longest SQL text, bytes, any of the store's connections prepares (`SQLITE_LIMIT_SQL_LENGTH`):
+/// clients are held to `StoreOptions::sql_bytes_max` (1 MiB by default) before this; the store's
+/// own longest SQL (the capture triggers of a wide table) stays far below.
+pub const SQLITE_SQL_BYTES_MAX: i32 = 4 << 20;
+
+/// Applies the value and SQL size limits to a connection of the store.
+pub(crate) fn limit_values(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::limits::Limit;
+    conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, SQLITE_VALUE_BYTES_MAX)?;
+    conn.set_limit(Limit::SQLITE_LIMIT_SQL_LENGTH, SQLITE_SQL_BYTES_MAX)?;
+    Ok(())
 }
 
 /// One SQL statement with positional parameters.
@@ -254,6 +284,7 @@ pub(crate) struct Stats {
     pub(crate) parked_total: AtomicU64,
     pub(crate) merged_changes_total: AtomicU64,
     pub(crate) far_future_total: AtomicU64,
+    pub(crate) stopped_total: AtomicU64,
 }
 
 /// A snapshot of the store's counters.
@@ -277,6 +308,9 @@ pub struct StoreStats {
     pub merged_changes_total: u64,
     /// Remote timestamps far ahead of our wall clock (applied anyway).
     pub far_future_total: u64,
+    /// Client statements stopped (or never run) for their deadline, their caller going away or
+    /// the store closing.
+    pub stopped_total: u64,
 }
 
 /// The tables of the current schema, shared by the writer and the readers.
@@ -336,6 +370,8 @@ impl std::fmt::Debug for Store {
 
 struct Inner {
     shared: Arc<Shared>,
+    /// Set by [`Store::close`] (and on drop): client statements stop, new ones are refused.
+    closing: Arc<AtomicBool>,
     requests: Option<flume::Sender<Request>>,
     readers: Readers,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -347,6 +383,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        self.closing.store(true, Ordering::Relaxed);
         // Closing the queue lets the writer finish what is queued and shut down cleanly.
         self.requests.take();
         let handle = self
@@ -395,11 +432,23 @@ impl Store {
             checkpoint::WRITER_AUTOCHECKPOINT_PAGES,
             options.writer_cache_kib
         ))?;
+        if let Some(pages) = options.page_count_max {
+            conn.execute_batch(&format!("PRAGMA max_page_count = {pages};"))?;
+        }
+        limit_values(&conn)?;
         let capture = Arc::new(Capture::default());
         capture.register(&conn)?;
         let user_mode = Arc::new(AtomicBool::new(false));
         let denied = Arc::new(Mutex::new(None));
-        writer::install_authorizer(&mut conn, Arc::clone(&user_mode), Arc::clone(&denied))?;
+        authorize::install(
+            &mut conn,
+            authorize::Kind::Writer,
+            Arc::clone(&user_mode),
+            Arc::clone(&denied),
+        )?;
+        let closing = Arc::new(AtomicBool::new(false));
+        let guard = Guard::new(Arc::clone(&closing));
+        guard.install(&mut conn)?;
 
         // The identity is chosen and the running marker written durably (FULL) before any version.
         conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -456,6 +505,8 @@ impl Store {
             user_mode,
             denied,
             hlc_saved: Timestamp::from_sql(last),
+            guard,
+            path: path.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("strata-store-writer".into())
@@ -468,7 +519,13 @@ impl Store {
             .spawn(move || checkpoint::run(checkpoint_path, stopped, &activity))?;
         Ok(Store {
             inner: Arc::new(Inner {
-                readers: Readers::new(&path, options.readers, options.reader_cache_kib),
+                readers: Readers::new(
+                    &path,
+                    options.readers,
+                    options.reader_cache_kib,
+                    Arc::clone(&closing),
+                ),
+                closing,
                 shared,
                 requests: Some(requests),
                 writer: Mutex::new(Some(handle)),
@@ -536,10 +593,66 @@ impl Store {
         answer.blocking_recv().map_err(|_| StoreError::Closed)
     }
 
-    /// Runs statements as one transaction. Waits while the writer's queue is full.
+    /// Runs statements as one transaction. Waits while the writer's queue is full. No deadline:
+    /// for the node's own callers; a client's statements go through [`Store::transact_within`].
     pub async fn transact(&self, statements: Vec<Statement>) -> Result<Committed> {
+        self.transact_inner(statements, None).await
+    }
+
+    /// Runs a client's statements as one transaction that stops at `deadline`: a request still
+    /// queued then is not run, and a running statement is interrupted; either way nothing
+    /// changes and the answer is [`StoreError::DeadlineExceeded`]. Dropping the returned future
+    /// (the client went away) stops it the same way, as [`StoreError::Cancelled`].
+    pub async fn transact_within(
+        &self,
+        statements: Vec<Statement>,
+        deadline: Deadline,
+    ) -> Result<Committed> {
+        let flag = Arc::new(AtomicBool::new(false));
+        let _cancel_on_drop = CancelOnDrop(Arc::clone(&flag));
+        let deadline = deadline.cancelled_by(flag);
+        if self.inner.closing.load(Ordering::Relaxed) {
+            return Err(StoreError::Closed);
+        }
+        let wait = deadline
+            .at()
+            .saturating_duration_since(std::time::Instant::now());
+        let limit = deadline.clone();
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Transact {
+            statements,
+            deadline: Some(deadline),
+            reply,
+        };
+        // Only the wait for room in the queue is cut short here: once the writer has the
+        // request, its answer (which the writer bounds by the deadline) is the true outcome.
+        match tokio::time::timeout(wait, self.sender()?.send_async(request)).await {
+            Err(_) => {
+                self.count_stopped();
+                return Err(limit.error(deadline::Stop::Deadline, "transaction (still queued)"));
+            }
+            Ok(Err(_)) => return Err(StoreError::Closed),
+            Ok(Ok(())) => {}
+        }
+        let (result, statements) = answer.await.map_err(|_| StoreError::Closed)?;
+        drop(statements);
+        result
+    }
+
+    async fn transact_inner(
+        &self,
+        statements: Vec<Statement>,
+        deadline: Option<Deadline>,
+    ) -> Result<Committed> {
+        if self.inner.closing.load(Ordering::Relaxed) {
+            return Err(StoreError::Closed);
+        }
         let (result, statements) = self
-            .request(|reply| Request::Transact { statements, reply })
+            .request(|reply| Request::Transact {
+                statements,
+                deadline,
+                reply,
+            })
             .await?;
         drop(statements);
         result
@@ -547,10 +660,20 @@ impl Store {
 
     /// [`Store::transact`] for synchronous callers (not from inside an async runtime).
     pub fn transact_blocking(&self, statements: Vec<Statement>) -> Result<Committed> {
-        let (result, statements) =
-            self.request_blocking(|reply| Request::Transact { statements, reply })?;
+        let (result, statements) = self.request_blocking(|reply| Request::Transact {
+            statements,
+            deadline: None,
+            reply,
+        })?;
         drop(statements);
         result
+    }
+
+    /// Stops the client statements running now (they answer [`StoreError::Closed`]) and refuses
+    /// new ones, so that shutdown completes in bounded time. The store's own work (applying,
+    /// migrating, the writer draining its queue) goes on until the last handle is dropped.
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::Relaxed);
     }
 
     /// Applies remote changesets (idempotent, any order).
@@ -582,15 +705,26 @@ impl Store {
         })?
     }
 
-    /// Runs a read-only query on a reader connection.
+    /// Runs a read-only query on a reader connection, under the client rules (see
+    /// [`Store::query_each`]), without a deadline.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
+        self.query_rows(sql, params, None)
+    }
+
+    /// [`Store::query`] that stops at `deadline` with [`StoreError::DeadlineExceeded`].
+    pub fn query_within(&self, sql: &str, params: &[Value], deadline: &Deadline) -> Result<Rows> {
+        self.query_rows(sql, params, Some(deadline))
+    }
+
+    fn query_rows(&self, sql: &str, params: &[Value], deadline: Option<&Deadline>) -> Result<Rows> {
         let rows_max = self.inner.shared.options.query_rows_max;
         let mut columns = Vec::new();
         let mut rows = Vec::new();
         let mut over = false;
-        self.query_each(
+        self.query_client(
             sql,
             params,
+            deadline,
             |names| {
                 columns = names.to_vec();
                 true
@@ -616,18 +750,72 @@ impl Store {
 
     /// Runs a read-only query on a reader connection, handing over the column names, then each
     /// row; either callback stops the query by returning false. An error before `on_columns` was
-    /// called means the query never started (bad SQL, unknown table, not read-only).
+    /// called means the query never started (bad SQL, unknown table, not read-only, refused).
+    ///
+    /// The client rules apply (see `authorize`): the query reads replicated tables and the
+    /// schema, uses only the pragmas that describe the schema, and cannot attach, write, change
+    /// a setting or read the store's own tables. It stops when the store closes.
     pub fn query_each(
         &self,
         sql: &str,
         params: &[Value],
         on_columns: impl FnOnce(&[String]) -> bool,
+        on_row: impl FnMut(Vec<Value>) -> bool,
+    ) -> Result<()> {
+        self.query_client(sql, params, None, on_columns, on_row)
+    }
+
+    /// [`Store::query_each`] that stops at `deadline` (or when the deadline's caller went away),
+    /// answering [`StoreError::DeadlineExceeded`] (or [`StoreError::Cancelled`]).
+    pub fn query_each_within(
+        &self,
+        sql: &str,
+        params: &[Value],
+        deadline: &Deadline,
+        on_columns: impl FnOnce(&[String]) -> bool,
+        on_row: impl FnMut(Vec<Value>) -> bool,
+    ) -> Result<()> {
+        self.query_client(sql, params, Some(deadline), on_columns, on_row)
+    }
+
+    fn query_client(
+        &self,
+        sql: &str,
+        params: &[Value],
+        deadline: Option<&Deadline>,
+        on_columns: impl FnOnce(&[String]) -> bool,
         mut on_row: impl FnMut(Vec<Value>) -> bool,
     ) -> Result<()> {
-        self.read(|conn| {
-            let mut stmt = conn
-                .prepare(sql)
-                .map_err(|err| writer::statement_error(0, err))?;
+        if let Some(why) = deadline.and_then(Deadline::stop) {
+            let deadline = deadline.unwrap_or_else(|| unreachable!("stop came from it"));
+            self.count_stopped();
+            return Err(deadline.error(why, "query (still queued)"));
+        }
+        let sql_bytes_max = self.inner.shared.options.sql_bytes_max;
+        if sql.len() > sql_bytes_max {
+            return Err(StoreError::TooLarge {
+                what: "query SQL in bytes",
+                size: sql.len(),
+                limit: sql_bytes_max,
+            });
+        }
+        self.inner.readers.with_client(deadline, |reader| {
+            let fail = |err: rusqlite::Error| {
+                if let Some(stopped) = deadline::stopped(reader.guard(), deadline, "query") {
+                    self.count_stopped();
+                    return stopped;
+                }
+                // The authorizer's reason, when it refused, is the precise one.
+                match (writer::statement_error(0, err), reader.take_denied()) {
+                    (_, Some(reason)) if reason == authorize::NOT_READ_ONLY => {
+                        StoreError::NotReadOnly(sql.chars().take(80).collect())
+                    }
+                    (_, Some(reason)) => StoreError::Refused { index: 0, reason },
+                    (other, None) => other,
+                }
+            };
+            // Never from the statement cache: the rules are checked on every prepare.
+            let mut stmt = reader.conn().prepare(sql).map_err(fail)?;
             if !stmt.readonly() {
                 return Err(StoreError::NotReadOnly(sql.chars().take(80).collect()));
             }
@@ -635,11 +823,11 @@ impl Store {
             let width = columns.len();
             let mut rows = stmt
                 .query(rusqlite::params_from_iter(params.iter()))
-                .map_err(|err| writer::statement_error(0, err))?;
+                .map_err(fail)?;
             if !on_columns(&columns) {
                 return Ok(());
             }
-            while let Some(row) = rows.next().map_err(|err| writer::statement_error(0, err))? {
+            while let Some(row) = rows.next().map_err(fail)? {
                 let values = (0..width)
                     .map(|i| row.get(i))
                     .collect::<rusqlite::Result<Vec<Value>>>()?;
@@ -768,6 +956,14 @@ impl Store {
         }
     }
 
+    fn count_stopped(&self) {
+        self.inner
+            .shared
+            .stats
+            .stopped_total
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The store's counters.
     pub fn stats(&self) -> StoreStats {
         let s = &self.inner.shared.stats;
@@ -782,6 +978,7 @@ impl Store {
             parked_total: get(&s.parked_total),
             merged_changes_total: get(&s.merged_changes_total),
             far_future_total: get(&s.far_future_total),
+            stopped_total: get(&s.stopped_total),
         }
     }
 }

@@ -3,13 +3,21 @@
 //! Readers never block the writer (WAL) and never write: each connection has `query_only` set and
 //! lacks the capture functions, so even a write that slipped past `query_only` would fail.
 //! The pool is bounded; a caller waits for a free connection up to a deadline.
+//!
+//! A client's query runs in client mode: the authorizer's reader rules (see `authorize`) and the
+//! query's deadline (see `deadline`) apply, and both are switched off again before the connection
+//! goes back to the pool. The rules refuse anything that could leave state behind (pragmas that
+//! set something, ATTACH, temporary objects), so the next caller finds the connection as opened.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 
+use super::authorize::{self, Kind};
+use super::deadline::{Deadline, Guard};
 use super::error::{Result, StoreError};
 
 /// How long a caller waits for a free reader before the store answers "overloaded".
@@ -21,10 +29,40 @@ pub(crate) struct Readers {
     idle: Mutex<Pool>,
     freed: Condvar,
     cache_kib: i64,
+    /// Set when the store closes: client queries stop.
+    closing: Arc<AtomicBool>,
+}
+
+/// A pooled connection with its client-mode switch, refusal reason and interrupt guard.
+pub(crate) struct Reader {
+    conn: Connection,
+    client_mode: Arc<AtomicBool>,
+    denied: Arc<Mutex<Option<String>>>,
+    guard: Arc<Guard>,
+}
+
+impl Reader {
+    /// The connection.
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The guard that stops this connection's client query.
+    pub(crate) fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// Why the authorizer refused the last client statement, if it did (taken once).
+    pub(crate) fn take_denied(&self) -> Option<String> {
+        self.denied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
 }
 
 struct Pool {
-    connections: Vec<Connection>,
+    connections: Vec<Reader>,
     /// Connections opened so far (idle or lent out).
     opened: usize,
     max: usize,
@@ -32,7 +70,12 @@ struct Pool {
 
 impl Readers {
     /// A pool of at most `max` readers of the database at `path`, opened lazily.
-    pub(crate) fn new(path: &Path, max: usize, cache_kib: i64) -> Readers {
+    pub(crate) fn new(
+        path: &Path,
+        max: usize,
+        cache_kib: i64,
+        closing: Arc<AtomicBool>,
+    ) -> Readers {
         Readers {
             path: path.to_owned(),
             idle: Mutex::new(Pool {
@@ -42,23 +85,43 @@ impl Readers {
             }),
             freed: Condvar::new(),
             cache_kib,
+            closing,
         }
     }
 
-    /// Runs `f` with a reader connection.
+    /// Runs `f` with a reader connection, for the store's own reads (no rules, no deadline).
     pub(crate) fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let conn = self.take()?;
-        let result = f(&conn);
-        // A connection left inside a transaction (an error mid-read) is reset before reuse.
-        if !conn.is_autocommit() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        self.give_back(conn);
+        let reader = self.take(None)?;
+        let result = f(&reader.conn);
+        self.give_back(reader);
         result
     }
 
-    fn take(&self) -> Result<Connection> {
-        let deadline = Instant::now() + READER_WAIT_MAX;
+    /// Runs `f` with a reader connection in client mode: the reader rules apply to what it
+    /// prepares and its statements stop at `deadline` (or when the store closes).
+    pub(crate) fn with_client<T>(
+        &self,
+        deadline: Option<&Deadline>,
+        f: impl FnOnce(&Reader) -> Result<T>,
+    ) -> Result<T> {
+        if self.closing.load(Ordering::Relaxed) {
+            return Err(StoreError::Closed);
+        }
+        let reader = self.take(deadline)?;
+        reader.client_mode.store(true, Ordering::Relaxed);
+        reader.guard.arm(deadline);
+        let result = f(&reader);
+        reader.guard.disarm();
+        reader.client_mode.store(false, Ordering::Relaxed);
+        self.give_back(reader);
+        result
+    }
+
+    fn take(&self, client: Option<&Deadline>) -> Result<Reader> {
+        let mut deadline = Instant::now() + READER_WAIT_MAX;
+        if let Some(client) = client {
+            deadline = deadline.min(client.at());
+        }
         let mut pool = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             if let Some(conn) = pool.connections.pop() {
@@ -76,6 +139,10 @@ impl Readers {
             }
             let now = Instant::now();
             if now >= deadline {
+                if let Some(why) = client.and_then(Deadline::stop) {
+                    let client = client.unwrap_or_else(|| unreachable!("stop came from it"));
+                    return Err(client.error(why, "query (waiting for a reader)"));
+                }
                 return Err(StoreError::Overloaded("every reader connection is busy"));
             }
             pool = self
@@ -86,17 +153,23 @@ impl Readers {
         }
     }
 
-    fn give_back(&self, conn: Connection) {
+    fn give_back(&self, reader: Reader) {
+        // A connection left inside a transaction (an error mid-read) is reset before reuse.
+        if !reader.conn.is_autocommit() {
+            let _ = reader.conn.execute_batch("ROLLBACK");
+        }
+        let _ = reader.take_denied();
+        let _ = reader.guard.take_tripped();
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .connections
-            .push(conn);
+            .push(reader);
         self.freed.notify_one();
     }
 
-    fn open(&self) -> Result<Connection> {
-        let conn = Connection::open_with_flags(
+    fn open(&self) -> Result<Reader> {
+        let mut conn = Connection::open_with_flags(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -122,6 +195,22 @@ impl Readers {
                 },
             )?;
         }
-        Ok(conn)
+        super::limit_values(&conn)?;
+        let client_mode = Arc::new(AtomicBool::new(false));
+        let denied = Arc::new(Mutex::new(None));
+        authorize::install(
+            &mut conn,
+            Kind::Reader,
+            Arc::clone(&client_mode),
+            Arc::clone(&denied),
+        )?;
+        let guard = Guard::new(Arc::clone(&self.closing));
+        guard.install(&mut conn)?;
+        Ok(Reader {
+            conn,
+            client_mode,
+            denied,
+            guard,
+        })
     }
 }

@@ -15,6 +15,49 @@ use serde::{Deserialize, Serialize};
 
 use super::error::StoreError;
 
+/// The largest TEXT or BLOB (bytes) a cell, or a packed primary key, may hold. Writers refuse
+/// bigger ones and receivers reject them, with the same rule ([`check_replicable`]): a change
+/// travels whole in one chunk, so a cell must fit comfortably in the sync frame (16 MiB) once
+/// encoded, next to the rest of its chunk.
+pub const CELL_BYTES_MAX: usize = 1 << 20;
+
+/// Why a value cannot replicate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreplicable {
+    /// The value is bigger than [`CELL_BYTES_MAX`].
+    #[error("value of {size} bytes is over the limit of {limit} bytes per value")]
+    TooLarge {
+        /// Its size, bytes.
+        size: usize,
+        /// The limit, bytes.
+        limit: usize,
+    },
+    /// TEXT that is not valid UTF-8: every receiver would refuse it.
+    #[error("TEXT value is not valid UTF-8 (store such bytes as a BLOB)")]
+    NotUtf8,
+}
+
+/// Checks that every node can carry and accept `value`: the one rule of writers and receivers.
+pub fn check_replicable(value: ValueRef<'_>) -> Result<(), Unreplicable> {
+    let size = match value {
+        ValueRef::Null | ValueRef::Integer(_) | ValueRef::Real(_) => return Ok(()),
+        ValueRef::Text(t) => {
+            if std::str::from_utf8(t).is_err() {
+                return Err(Unreplicable::NotUtf8);
+            }
+            t.len()
+        }
+        ValueRef::Blob(b) => b.len(),
+    };
+    if size > CELL_BYTES_MAX {
+        return Err(Unreplicable::TooLarge {
+            size,
+            limit: CELL_BYTES_MAX,
+        });
+    }
+    Ok(())
+}
+
 /// An owned SQL value.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Value {
@@ -55,6 +98,17 @@ impl Value {
                 Err(_) => Value::Blob(t.to_vec()),
             },
             ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+        }
+    }
+
+    /// The value borrowed as SQLite sees it.
+    pub fn as_value_ref(&self) -> ValueRef<'_> {
+        match self {
+            Value::Null => ValueRef::Null,
+            Value::Integer(i) => ValueRef::Integer(*i),
+            Value::Real(r) => ValueRef::Real(*r),
+            Value::Text(s) => ValueRef::Text(s.as_bytes()),
+            Value::Blob(b) => ValueRef::Blob(b),
         }
     }
 

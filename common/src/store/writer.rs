@@ -9,6 +9,12 @@
 //! again one request per transaction, so it fails alone. No savepoints: inside a savepoint every
 //! statement of a large request costs time in proportion to the pages the request touched.
 //!
+//! A client's statements run under the writer rules (see `authorize`), are prepared under cache
+//! keys the store's own SQL never uses, and stop at their deadline, when their caller goes away
+//! or when the store closes (see `deadline`); a request stopped in a group is refused, not rerun,
+//! when the group is retried request by request. A full disk answers `DiskFull`, is recorded
+//! for health, and is cleared by the next successful commit.
+//!
 //! Replies and the commit event go out only after the commit, and the bookkeeping cache is
 //! replaced only then, so nothing ever reports a version the database does not hold.
 //!
@@ -20,7 +26,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::{Connection, ErrorCode, params_from_iter};
 use sqlparser::dialect::SQLiteDialect;
 use sqlparser::keywords::Keyword;
@@ -32,14 +37,20 @@ use super::apply::{self, Origin};
 use super::book::{Books, Ord, Partial};
 use super::capture::{Capture, CaptureError};
 use super::change::Changeset;
+use super::deadline::{self, Deadline, Guard};
 use super::error::{Result, StoreError};
 use super::hlc::{self, Clock, Observed};
 use super::local::Recorder;
 use super::meta;
-use super::schema::{self, INTERNAL_PREFIX, Schema};
+use super::schema::{self, Schema};
 use super::{
     Applied, Catalog, CommitEvent, Committed, MigrationReport, Rejected, Shared, Statement,
 };
+
+/// Starts the statement-cache key of every client statement (a comment, so SQLite ignores it):
+/// the store's own SQL never starts with it, so a client's text never finds a statement that
+/// was prepared, and authorized, for the store's own use.
+const CLIENT_SQL_PREFIX: &str = "/* client */ ";
 
 /// Requests a group commit takes at most; bounds the work (and latency) of one commit.
 const GROUP_REQUESTS_MAX: usize = 256;
@@ -57,6 +68,8 @@ pub(crate) type TransactReply = (Result<Committed>, Vec<Statement>);
 pub(crate) enum Request {
     Transact {
         statements: Vec<Statement>,
+        /// When the client's statements must stop; `None` for the store's trusted callers.
+        deadline: Option<Deadline>,
         reply: oneshot::Sender<TransactReply>,
     },
     Apply {
@@ -93,6 +106,10 @@ pub(crate) struct Writer {
     pub(crate) denied: Arc<Mutex<Option<String>>>,
     /// The clock value last persisted.
     pub(crate) hlc_saved: hlc::Timestamp,
+    /// Stops client statements at their deadline or when the store closes.
+    pub(crate) guard: Arc<Guard>,
+    /// The database file, named when the disk is full.
+    pub(crate) path: std::path::PathBuf,
 }
 
 impl Writer {
@@ -174,16 +191,18 @@ impl Writer {
         let mut results = Vec::with_capacity(group.len());
         for request in group {
             let result = match request {
-                Request::Transact { statements, .. } => {
-                    match self.run_transact(statements, wall_ms, &mut batch) {
-                        Ok(committed) => ItemResult::Transact(Ok(committed)),
-                        Err(Failure::Clean(err)) => ItemResult::Transact(Err(err)),
-                        Err(Failure::Dirty(_)) => {
-                            self.abort();
-                            return None;
-                        }
+                Request::Transact {
+                    statements,
+                    deadline,
+                    ..
+                } => match self.run_transact(statements, deadline.as_ref(), wall_ms, &mut batch) {
+                    Ok(committed) => ItemResult::Transact(Ok(committed)),
+                    Err(Failure::Clean(err)) => ItemResult::Transact(Err(err)),
+                    Err(Failure::Dirty(_)) => {
+                        self.abort();
+                        return None;
                     }
-                }
+                },
                 Request::Apply { changesets, .. } => {
                     match self.run_apply(changesets, wall_ms, &mut batch) {
                         Ok(applied) => ItemResult::Apply(applied),
@@ -210,13 +229,21 @@ impl Writer {
     fn commit_alone(&mut self, request: Request) {
         let wall_ms = self.shared.options.wall_clock.now_ms();
         match request {
-            Request::Transact { statements, reply } => {
-                let result = self.alone(|w, batch| w.run_transact(&statements, wall_ms, batch));
+            Request::Transact {
+                statements,
+                deadline,
+                reply,
+            } => {
+                let result = self.alone(|w, batch| {
+                    w.run_transact(&statements, deadline.as_ref(), wall_ms, batch)
+                });
                 let _ = reply.send((result, statements));
             }
             Request::Apply { changesets, reply } => {
                 let result = self.alone(|w, batch| w.run_apply(&changesets, wall_ms, batch));
                 let result = match result {
+                    // Not the changesets' fault: they are fetched again once space returns.
+                    Err(err @ StoreError::DiskFull { .. }) => Err(err),
                     Err(_) if changesets.len() > 1 => {
                         Ok(self.apply_one_by_one(&changesets, wall_ms))
                     }
@@ -238,6 +265,8 @@ impl Writer {
             let one = std::slice::from_ref(changeset);
             match self.alone(|w, batch| w.run_apply(one, wall_ms, batch)) {
                 Ok(applied) => total.absorb(applied),
+                // Not the changeset's fault: it stays missing and is fetched again later.
+                Err(StoreError::DiskFull { .. }) => {}
                 Err(err) => total.absorb(rejected_all(one, &err)),
             }
         }
@@ -250,9 +279,7 @@ impl Writer {
         f: impl FnOnce(&mut Self, &mut Batch) -> Result<T, Failure>,
     ) -> Result<T> {
         if let Err(err) = self.run_sql("BEGIN IMMEDIATE") {
-            return Err(StoreError::Corrupt(format!(
-                "could not begin a transaction: {err}"
-            )));
+            return Err(self.storage_error(err, "could not begin a transaction"));
         }
         let mut batch = Batch::default();
         match f(self, &mut batch) {
@@ -262,17 +289,59 @@ impl Writer {
             }
             Err(failure) => {
                 self.abort();
-                Err(failure.into_error())
+                Err(self.disk_full(failure.into_error()))
             }
         }
+    }
+
+    /// The error for a failure of the store's own SQL: a full disk says so (and is recorded for
+    /// health); anything else means the metadata cannot be trusted.
+    fn storage_error(&self, err: rusqlite::Error, doing: &str) -> StoreError {
+        match self.disk_full(StoreError::Sqlite(err)) {
+            StoreError::Sqlite(err) => StoreError::Corrupt(format!("{doing}: {err}")),
+            other => other,
+        }
+    }
+
+    /// Turns SQLite's "disk full" into [`StoreError::DiskFull`] and records it for health; passes
+    /// anything else through.
+    fn disk_full(&self, err: StoreError) -> StoreError {
+        let full = matches!(
+            &err,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::DiskFull
+        );
+        if !full {
+            return err;
+        }
+        let file = self.path.display().to_string();
+        let dir = self
+            .path
+            .parent()
+            .map_or_else(|| ".".to_owned(), |d| d.display().to_string());
+        let activity = &self.shared.activity;
+        if activity.disk_full().is_none() {
+            tracing::error!(%file, %dir, "disk full: writes fail until space is freed");
+            activity.set_disk_full(Some(format!("disk full: file system of {dir} ({file})")));
+        }
+        StoreError::DiskFull { file, dir }
     }
 
     /// Commits the open transaction, then publishes the bookkeeping and the commit event.
     fn commit(&mut self, batch: Batch) -> Result<()> {
         if let Err(err) = self.finish_group(&batch.touched) {
-            tracing::error!(error = %err, "commit failed; rolled back");
+            let err = match self.disk_full(err) {
+                err @ StoreError::DiskFull { .. } => err,
+                err => {
+                    tracing::error!(error = %err, "commit failed; rolled back");
+                    StoreError::Corrupt(format!("commit failed: {err}"))
+                }
+            };
             self.abort();
-            return Err(StoreError::Corrupt(format!("commit failed: {err}")));
+            return Err(err);
+        }
+        if self.shared.activity.disk_full().is_some() {
+            tracing::info!("a commit succeeded again: the disk has space");
+            self.shared.activity.set_disk_full(None);
         }
         self.publish();
         let mut event = batch.event;
@@ -350,9 +419,21 @@ impl Writer {
     fn run_transact(
         &mut self,
         statements: &[Statement],
+        deadline: Option<&Deadline>,
         wall_ms: u64,
         batch: &mut Batch,
     ) -> Result<Committed, Failure> {
+        if self.guard.closing() {
+            return Err(Failure::Clean(StoreError::Closed));
+        }
+        // Not run at all when its caller gave up or its time passed while it was queued: a
+        // request stopped in a group is refused here when the group is run again request by
+        // request, so it never runs twice.
+        if let Some(why) = deadline.and_then(Deadline::stop) {
+            let deadline = deadline.unwrap_or_else(|| unreachable!("stop came from it"));
+            self.count_stopped();
+            return Err(Failure::Clean(deadline.error(why, "transaction")));
+        }
         let limits = &self.shared.options;
         if statements.len() > limits.statements_max {
             return Err(Failure::Clean(StoreError::TooLarge {
@@ -365,7 +446,20 @@ impl Writer {
         let head = self.books.sites.get(&ord).map_or(0, |b| b.head);
         let ts = self.clock.tick(wall_ms);
         let version = head + 1;
-        let result = self.run_statements(statements, version, ts);
+        self.guard.arm(deadline);
+        let result = self
+            .run_statements(statements, deadline, version, ts)
+            .map_err(|err| {
+                // The store's bookkeeping SQL between client statements can be stopped too.
+                match deadline::stopped(&self.guard, deadline, "transaction") {
+                    Some(stopped) => {
+                        self.count_stopped();
+                        stopped
+                    }
+                    None => err,
+                }
+            });
+        self.guard.disarm();
         self.capture.set_capturing(false);
         self.user_mode.store(false, Ordering::Relaxed);
         let (rows_affected, recorder) = result.map_err(Failure::Dirty)?;
@@ -402,6 +496,7 @@ impl Writer {
     fn run_statements(
         &self,
         statements: &[Statement],
+        deadline: Option<&Deadline>,
         version: u64,
         ts: hlc::Timestamp,
     ) -> Result<(Vec<usize>, Recorder)> {
@@ -421,7 +516,7 @@ impl Writer {
                 let stmt = self.user_statement(|| self.prepare(&statement.sql));
                 prepared = Some((
                     &statement.sql,
-                    stmt.map_err(|err| self.classify(index, err))?,
+                    stmt.map_err(|err| self.classify(index, deadline, err))?,
                 ));
             }
             let Some((_, stmt)) = prepared.as_mut() else {
@@ -430,7 +525,14 @@ impl Writer {
             let params = params_from_iter(statement.params.iter());
             let affected = self
                 .user_statement(|| stmt.execute(params))
-                .map_err(|err| self.classify(index, err))?;
+                .map_err(|err| self.classify(index, deadline, err))?;
+            if self.conn.is_autocommit() {
+                // The authorizer refuses transaction control; this is the second line of defence.
+                return Err(StoreError::Refused {
+                    index,
+                    reason: "the statement ended the request's transaction".into(),
+                });
+            }
             rows_affected.push(affected);
             recorder.record(&self.conn, self.capture.take(), index)?;
         }
@@ -447,8 +549,27 @@ impl Writer {
         result
     }
 
+    /// Prepares a client's statement under a cache key the store's own SQL never has, so that no
+    /// text a client sends can reach a statement prepared (and authorized) for the store's use.
     fn prepare(&self, sql: &str) -> rusqlite::Result<rusqlite::CachedStatement<'_>> {
-        let stmt = self.conn.prepare_cached(sql)?;
+        let mut keyed = String::with_capacity(CLIENT_SQL_PREFIX.len() + sql.len());
+        keyed.push_str(CLIENT_SQL_PREFIX);
+        keyed.push_str(sql);
+        let stmt = self.conn.prepare_cached(&keyed).map_err(|err| match err {
+            rusqlite::Error::SqlInputError {
+                error,
+                msg,
+                sql,
+                offset,
+            } => rusqlite::Error::SqlInputError {
+                error,
+                msg,
+                sql,
+                // Offsets count from the client's text, not from the prefix.
+                offset: offset.saturating_sub(CLIENT_SQL_PREFIX.len() as i32),
+            },
+            other => other,
+        })?;
         if stmt.column_count() > 0 {
             // A read, or a write with RETURNING: either way rows nobody would see.
             return Err(rusqlite::Error::ExecuteReturnedResults);
@@ -456,8 +577,26 @@ impl Writer {
         Ok(stmt)
     }
 
+    fn count_stopped(&self) {
+        self.shared
+            .stats
+            .stopped_total
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Turns a SQLite error from a user statement into the precise store error.
-    fn classify(&self, index: usize, err: rusqlite::Error) -> StoreError {
+    fn classify(
+        &self,
+        index: usize,
+        deadline: Option<&Deadline>,
+        err: rusqlite::Error,
+    ) -> StoreError {
+        if let Some(stopped) =
+            deadline::stopped(&self.guard, deadline, &format!("statement {index}"))
+        {
+            self.count_stopped();
+            return stopped;
+        }
         if let Some(captured) = self.capture.take_error() {
             return match captured {
                 CaptureError::TooManyCells { limit } => StoreError::TooLarge {
@@ -465,10 +604,12 @@ impl Writer {
                     size: limit + 1,
                     limit,
                 },
-                CaptureError::KeyUpdate { .. } => StoreError::Refused {
-                    index,
-                    reason: captured.to_string(),
-                },
+                CaptureError::KeyUpdate { .. } | CaptureError::Unreplicable { .. } => {
+                    StoreError::Refused {
+                        index,
+                        reason: captured.to_string(),
+                    }
+                }
                 CaptureError::Key { .. } => StoreError::Constraint {
                     index,
                     message: captured.to_string(),
@@ -481,11 +622,11 @@ impl Writer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        // A refusal by the authorizer surfaces as SQLITE_AUTH or, for functions, as a plain
+        // error: either way the authorizer's reason is the precise one.
         match (statement_error(index, err), denied) {
-            (StoreError::Refused { index, .. }, Some(reason)) => {
-                StoreError::Refused { index, reason }
-            }
-            (other, _) => other,
+            (_, Some(reason)) => StoreError::Refused { index, reason },
+            (other, None) => other,
         }
     }
 
@@ -860,7 +1001,12 @@ enum ItemResult {
 
 fn reply(request: Request, result: ItemResult) {
     match (request, result) {
-        (Request::Transact { statements, reply }, ItemResult::Transact(result)) => {
+        (
+            Request::Transact {
+                statements, reply, ..
+            },
+            ItemResult::Transact(result),
+        ) => {
             let _ = reply.send((result, statements));
         }
         (Request::Apply { reply, .. }, ItemResult::Apply(applied)) => {
@@ -1044,64 +1190,6 @@ fn check_statement(index: usize, statement: &Statement, sql_bytes_max: usize) ->
     Ok(())
 }
 
-/// Installs the authorizer that keeps user statements to plain reads and writes of replicated
-/// tables: no DDL, no pragmas, no transaction control, no writes to the store's own tables.
-pub(crate) fn install_authorizer(
-    conn: &mut Connection,
-    user_mode: Arc<AtomicBool>,
-    denied: Arc<Mutex<Option<String>>>,
-) -> rusqlite::Result<()> {
-    conn.authorizer(Some(move |ctx: AuthContext<'_>| {
-        if !user_mode.load(Ordering::Relaxed) {
-            return Authorization::Allow;
-        }
-        let reason = user_rule(&ctx);
-        match reason {
-            None => Authorization::Allow,
-            Some(reason) => {
-                *denied.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
-                Authorization::Deny
-            }
-        }
-    }))
-}
-
-fn is_internal(table: &str) -> bool {
-    let lower = table.to_ascii_lowercase();
-    lower.starts_with(INTERNAL_PREFIX) || lower.starts_with("sqlite_")
-}
-
-fn user_rule(ctx: &AuthContext<'_>) -> Option<String> {
-    let from_trigger = ctx.accessor.is_some_and(|a| a.starts_with(INTERNAL_PREFIX));
-    match ctx.action {
-        AuthAction::Insert { table_name }
-        | AuthAction::Update { table_name, .. }
-        | AuthAction::Delete { table_name } => {
-            (is_internal(table_name) && !from_trigger).then(|| {
-                format!("\"{table_name}\" belongs to the store and cannot be written directly")
-            })
-        }
-        AuthAction::Read { .. } | AuthAction::Select | AuthAction::Recursive => None,
-        AuthAction::Function { function_name } => (function_name.starts_with(INTERNAL_PREFIX)
-            && !from_trigger)
-            .then(|| format!("{function_name}() is internal to the store")),
-        AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } => {
-            Some("transaction control is not allowed: each request is one transaction".into())
-        }
-        AuthAction::Pragma { pragma_name, .. } => Some(format!(
-            "PRAGMA {pragma_name} is not allowed in a transaction"
-        )),
-        AuthAction::Attach { .. } | AuthAction::Detach { .. } => {
-            Some("ATTACH and DETACH are not allowed".into())
-        }
-        _ => Some(
-            "schema changes go through the schema files (CREATE TABLE / CREATE INDEX), not \
-             transactions"
-                .into(),
-        ),
-    }
-}
-
 /// The precise store error for a SQLite error of a user statement (bad SQL, unknown table,
 /// constraint, refused by the authorizer); I/O and internal failures stay `Sqlite`.
 pub(crate) fn statement_error(index: usize, err: rusqlite::Error) -> StoreError {
@@ -1141,8 +1229,12 @@ pub(crate) fn statement_error(index: usize, err: rusqlite::Error) -> StoreError 
             index,
             message: format!("statement takes {expected} parameters, {got} given"),
         },
-        rusqlite::Error::SqlInputError { msg, offset, .. } => {
-            if msg.starts_with("no such table: ") {
+        rusqlite::Error::SqlInputError {
+            error, msg, offset, ..
+        } => {
+            if error.code == ErrorCode::AuthorizationForStatementDenied {
+                StoreError::Refused { index, reason: msg }
+            } else if msg.starts_with("no such table: ") {
                 unknown_or_bad(msg)
             } else {
                 StoreError::BadStatement {

@@ -298,11 +298,11 @@ fn add_column(dir: &Path) -> anyhow::Result<(f64, u64)> {
         store.transact_blocking(vec![Statement::new(fill)])?;
     }
     let count = |store: &Store| -> anyhow::Result<i64> {
-        let rows = store.query("SELECT count(*) FROM __strata_clock_1", &[])?;
-        match rows.rows[0][0] {
-            Value::Integer(n) => Ok(n),
-            ref other => anyhow::bail!("count returned {other:?}"),
-        }
+        // The store's own tables are not open to client queries: read them as the store does.
+        let n: i64 = store.read(|conn| {
+            Ok(conn.query_row("SELECT count(*) FROM __strata_clock_1", [], |r| r.get(0))?)
+        })?;
+        Ok(n)
     };
     let head = store.head();
     let entries = count(&store)?;

@@ -375,6 +375,66 @@ fn closing_the_store_stops_a_running_query() {
     assert!(matches!(refused, Err(StoreError::Closed)), "{refused:?}");
 }
 
+#[test]
+fn slow_client_queries_never_take_the_last_reader_from_the_store() {
+    let node = Node::with_options(StoreOptions {
+        readers: 3,
+        ..StoreOptions::default()
+    });
+    node.run(&["INSERT INTO machines (id) VALUES ('m1')"])
+        .unwrap();
+    // Two endless client queries hold every reader a client may take.
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let store = node.store.clone();
+            let started = started_tx.clone();
+            std::thread::spawn(move || {
+                store.query_each_within(
+                    ENDLESS_QUERY,
+                    &[],
+                    &Deadline::after(Duration::from_secs(3), "test.slow"),
+                    |_| {
+                        started.send(()).unwrap();
+                        true
+                    },
+                    |_| true,
+                )
+            })
+        })
+        .collect();
+    for _ in 0..2 {
+        started_rx.recv_timeout(COME_BACK_MAX).unwrap();
+    }
+    // A third client query waits for a reader and gives up at its own deadline ...
+    let waited = node.store.query_within(
+        "SELECT count(*) FROM machines",
+        &[],
+        &Deadline::after(Duration::from_millis(200), "test.fast"),
+    );
+    assert!(
+        matches!(waited, Err(StoreError::DeadlineExceeded { .. })),
+        "{waited:?}"
+    );
+    // ... while the store's own reads (what serves sync and Health) still find the reserved one.
+    let started = Instant::now();
+    assert_eq!(node.store.parked().unwrap(), 0);
+    let site = node.store.site();
+    assert!(!node.store.changes(site, 1..=1).unwrap().is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the store's reads waited {:?}",
+        started.elapsed()
+    );
+    for query in slow {
+        let result = query.join().unwrap();
+        assert!(
+            matches!(result, Err(StoreError::DeadlineExceeded { .. })),
+            "{result:?}"
+        );
+    }
+}
+
 // ---- class 3: queries that change process or connection state ----
 
 #[test]

@@ -2,7 +2,9 @@
 //!
 //! Readers never block the writer (WAL) and never write: each connection has `query_only` set and
 //! lacks the capture functions, so even a write that slipped past `query_only` would fail.
-//! The pool is bounded; a caller waits for a free connection up to a deadline.
+//! The pool is bounded; a caller waits for a free connection up to a deadline. Client queries
+//! may hold all connections but [`STORE_READERS_RESERVED`], so the store's own reads (serving
+//! sync, `Health`) never wait behind them.
 //!
 //! A client's query runs in client mode: the authorizer's reader rules (see `authorize`) and the
 //! query's deadline (see `deadline`) apply, and both are switched off again before the connection
@@ -19,6 +21,10 @@ use rusqlite::{Connection, OpenFlags};
 use super::authorize::{self, Kind};
 use super::deadline::{Deadline, Guard};
 use super::error::{Result, StoreError};
+
+/// Readers that client queries can never take: however many slow client queries run, serving
+/// sync to peers, `Health` and the store's other reads always find a connection.
+pub(crate) const STORE_READERS_RESERVED: usize = 1;
 
 /// How long a caller waits for a free reader before the store answers "overloaded".
 const READER_WAIT_MAX: Duration = Duration::from_secs(5);
@@ -66,6 +72,24 @@ struct Pool {
     /// Connections opened so far (idle or lent out).
     opened: usize,
     max: usize,
+    /// Connections lent out to client queries.
+    clients: usize,
+}
+
+impl Pool {
+    /// Connections client queries may hold at once: all but [`STORE_READERS_RESERVED`] (one at
+    /// least, for a pool of one).
+    fn clients_max(&self) -> usize {
+        self.max.saturating_sub(STORE_READERS_RESERVED).max(1)
+    }
+}
+
+/// Who takes a connection: the store's own reads may take any; client queries leave
+/// [`STORE_READERS_RESERVED`] to the store.
+#[derive(Clone, Copy)]
+enum User<'a> {
+    Store,
+    Client(Option<&'a Deadline>),
 }
 
 impl Readers {
@@ -82,6 +106,7 @@ impl Readers {
                 connections: Vec::new(),
                 opened: 0,
                 max: max.max(1),
+                clients: 0,
             }),
             freed: Condvar::new(),
             cache_kib,
@@ -91,9 +116,9 @@ impl Readers {
 
     /// Runs `f` with a reader connection, for the store's own reads (no rules, no deadline).
     pub(crate) fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let reader = self.take(None)?;
+        let reader = self.take(User::Store)?;
         let result = f(&reader.conn);
-        self.give_back(reader);
+        self.give_back(reader, User::Store);
         result
     }
 
@@ -107,35 +132,43 @@ impl Readers {
         if self.closing.load(Ordering::Relaxed) {
             return Err(StoreError::Closed);
         }
-        let reader = self.take(deadline)?;
+        let reader = self.take(User::Client(deadline))?;
         reader.client_mode.store(true, Ordering::Relaxed);
         reader.guard.arm(deadline);
         let result = f(&reader);
         reader.guard.disarm();
         reader.client_mode.store(false, Ordering::Relaxed);
-        self.give_back(reader);
+        self.give_back(reader, User::Client(deadline));
         result
     }
 
-    fn take(&self, client: Option<&Deadline>) -> Result<Reader> {
+    fn take(&self, user: User<'_>) -> Result<Reader> {
         let mut deadline = Instant::now() + READER_WAIT_MAX;
+        let client = match user {
+            User::Store => None,
+            User::Client(deadline) => deadline,
+        };
         if let Some(client) = client {
             deadline = deadline.min(client.at());
         }
+        let is_client = matches!(user, User::Client(_));
         let mut pool = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            if let Some(conn) = pool.connections.pop() {
-                return Ok(conn);
-            }
-            if pool.opened < pool.max {
-                pool.opened += 1;
-                drop(pool);
-                return self.open().inspect_err(|_| {
-                    self.idle
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .opened -= 1;
-                });
+            if !is_client || pool.clients < pool.clients_max() {
+                if let Some(conn) = pool.connections.pop() {
+                    pool.clients += usize::from(is_client);
+                    return Ok(conn);
+                }
+                if pool.opened < pool.max {
+                    pool.opened += 1;
+                    pool.clients += usize::from(is_client);
+                    drop(pool);
+                    return self.open().inspect_err(|_| {
+                        let mut pool = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                        pool.opened -= 1;
+                        pool.clients -= usize::from(is_client);
+                    });
+                }
             }
             let now = Instant::now();
             if now >= deadline {
@@ -153,19 +186,22 @@ impl Readers {
         }
     }
 
-    fn give_back(&self, reader: Reader) {
+    fn give_back(&self, reader: Reader, user: User<'_>) {
         // A connection left inside a transaction (an error mid-read) is reset before reuse.
         if !reader.conn.is_autocommit() {
             let _ = reader.conn.execute_batch("ROLLBACK");
         }
         let _ = reader.take_denied();
         let _ = reader.guard.take_tripped();
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .connections
-            .push(reader);
-        self.freed.notify_one();
+        let mut pool = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.connections.push(reader);
+        if matches!(user, User::Client(_)) {
+            pool.clients -= 1;
+        }
+        drop(pool);
+        // Waiters differ (a client may not take what the store may), so wake them all: the pool
+        // is a handful of connections.
+        self.freed.notify_all();
     }
 
     fn open(&self) -> Result<Reader> {

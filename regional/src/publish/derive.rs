@@ -9,7 +9,9 @@
 //! keeps what globald holds and tries again later. A region's bad row must never turn into a
 //! wrong or wiped global map.
 
-use strata_common::store::{Rows, Store, Value};
+use std::time::Duration;
+
+use strata_common::store::{Deadline, Rows, Store, Value};
 
 use super::logic::{AppMap, Counts};
 
@@ -56,9 +58,16 @@ pub struct Derived {
     pub problems: Vec<String>,
 }
 
-/// Runs the derivation and checks its answer.
+/// Longest a derivation query may run: it holds a reader, and an operator's query that never
+/// ends must not hold one (or the publisher) forever. A region's summary takes milliseconds.
+pub const DERIVATION_TIME_MAX: Duration = Duration::from_secs(10);
+
+/// Runs the derivation (bounded by [`DERIVATION_TIME_MAX`]) and checks its answer.
 pub fn derive(store: &Store, sql: &str, apps_max: usize) -> Result<Derived, String> {
-    let rows = store.query(sql, &[]).map_err(|err| err.to_string())?;
+    let deadline = Deadline::after(DERIVATION_TIME_MAX, "the derivation's time limit");
+    let rows = store
+        .query_within(sql, &[], &deadline)
+        .map_err(|err| err.to_string())?;
     to_map(rows, apps_max)
 }
 

@@ -674,10 +674,17 @@ async fn hostile_statements_get_precise_statuses_change_nothing_and_the_node_kee
         ),
         (
             vec![Statement::new(
-                "UPDATE machines SET image = printf('%.*c', 30000000, 'x') WHERE id = 'm1'",
+                "UPDATE machines SET image = printf('%.*c', 2000000, 'x') WHERE id = 'm1'",
             )],
             Code::InvalidArgument,
             "\"image\"",
+        ),
+        (
+            vec![Statement::new(
+                "UPDATE machines SET image = printf('%.*c', 30000000, 'x') WHERE id = 'm1'",
+            )],
+            Code::InvalidArgument,
+            "the most the writer builds",
         ),
         (
             vec![Statement::new(

@@ -152,6 +152,12 @@ pub const SQLITE_VALUE_BYTES_MAX: i32 = 32 << 20;
 /// own longest SQL (the capture triggers of a wide table) stays far below.
 pub const SQLITE_SQL_BYTES_MAX: i32 = 4 << 20;
 
+/// The longest TEXT, BLOB or row record, bytes, the writer builds (its `SQLITE_LIMIT_LENGTH`):
+/// room for a row of four cells at [`CELL_BYTES_MAX`]. An expression that builds more (a
+/// `printf('%.*c', 30000000, 'x')`) fails as soon as it passes this, before anything is written,
+/// so a client sending such writes in a loop costs the single writer little time.
+pub const WRITER_VALUE_BYTES_MAX: i32 = 4 * (CELL_BYTES_MAX as i32);
+
 /// Applies the value and SQL size limits to a connection of the store.
 pub(crate) fn limit_values(conn: &Connection) -> rusqlite::Result<()> {
     use rusqlite::limits::Limit;
@@ -436,6 +442,10 @@ impl Store {
             conn.execute_batch(&format!("PRAGMA max_page_count = {pages};"))?;
         }
         limit_values(&conn)?;
+        conn.set_limit(
+            rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH,
+            WRITER_VALUE_BYTES_MAX,
+        )?;
         let capture = Arc::new(Capture::default());
         capture.register(&conn)?;
         let user_mode = Arc::new(AtomicBool::new(false));

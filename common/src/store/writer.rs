@@ -449,20 +449,31 @@ impl Writer {
         self.guard.arm(deadline);
         let result = self
             .run_statements(statements, deadline, version, ts)
-            .map_err(|err| {
+            .map_err(|(completed, err)| {
                 // The store's bookkeeping SQL between client statements can be stopped too.
                 match deadline::stopped(&self.guard, deadline, "transaction") {
                     Some(stopped) => {
                         self.count_stopped();
-                        stopped
+                        (completed, stopped)
                     }
-                    None => err,
+                    None => (completed, err),
                 }
             });
         self.guard.disarm();
         self.capture.set_capturing(false);
         self.user_mode.store(false, Ordering::Relaxed);
-        let (rows_affected, recorder) = result.map_err(Failure::Dirty)?;
+        let (rows_affected, recorder) = result.map_err(|(completed, err)| {
+            // SQLite undoes a failed statement by itself, so a request whose first statement
+            // failed wrote nothing, unless the failure ended the whole transaction (an
+            // interrupt, a full disk): the group goes on without it instead of being rerun
+            // request by request, which a client sending refused writes in a loop would
+            // otherwise force on every group.
+            if completed == 0 && !self.conn.is_autocommit() {
+                Failure::Clean(err)
+            } else {
+                Failure::Dirty(err)
+            }
+        })?;
         let Some(changeset) = recorder.finish() else {
             return Ok(Committed {
                 version: None,
@@ -499,7 +510,7 @@ impl Writer {
         deadline: Option<&Deadline>,
         version: u64,
         ts: hlc::Timestamp,
-    ) -> Result<(Vec<usize>, Recorder)> {
+    ) -> Result<(Vec<usize>, Recorder), (usize, StoreError)> {
         let mut recorder = Recorder::new(self.shared.site, self.shared.ord, version, ts);
         let mut rows_affected = Vec::with_capacity(statements.len());
         self.capture.begin(self.shared.options.cells_max);
@@ -512,11 +523,12 @@ impl Writer {
             {
                 // Back to the cache before the next one is prepared.
                 drop(prepared.take());
-                check_statement(index, statement, self.shared.options.sql_bytes_max)?;
+                check_statement(index, statement, self.shared.options.sql_bytes_max)
+                    .map_err(|err| (index, err))?;
                 let stmt = self.user_statement(|| self.prepare(&statement.sql));
                 prepared = Some((
                     &statement.sql,
-                    stmt.map_err(|err| self.classify(index, deadline, err))?,
+                    stmt.map_err(|err| (index, self.classify(index, deadline, err)))?,
                 ));
             }
             let Some((_, stmt)) = prepared.as_mut() else {
@@ -525,16 +537,21 @@ impl Writer {
             let params = params_from_iter(statement.params.iter());
             let affected = self
                 .user_statement(|| stmt.execute(params))
-                .map_err(|err| self.classify(index, deadline, err))?;
+                .map_err(|err| (index, self.classify(index, deadline, err)))?;
             if self.conn.is_autocommit() {
                 // The authorizer refuses transaction control; this is the second line of defence.
-                return Err(StoreError::Refused {
+                return Err((
                     index,
-                    reason: "the statement ended the request's transaction".into(),
-                });
+                    StoreError::Refused {
+                        index,
+                        reason: "the statement ended the request's transaction".into(),
+                    },
+                ));
             }
             rows_affected.push(affected);
-            recorder.record(&self.conn, self.capture.take(), index)?;
+            recorder
+                .record(&self.conn, self.capture.take(), index)
+                .map_err(|err| (index + 1, err))?;
         }
         Ok((rows_affected, recorder))
     }
@@ -615,6 +632,20 @@ impl Writer {
                     message: captured.to_string(),
                 },
                 other => StoreError::Corrupt(other.to_string()),
+            };
+        }
+        if let rusqlite::Error::SqliteFailure(code, _) = &err
+            && code.code == ErrorCode::TooBig
+        {
+            // Built past the writer's length limit inside an expression: SQLite cannot say which
+            // column it was meant for, so the answer names the limits.
+            return StoreError::Refused {
+                index,
+                reason: format!(
+                    "a value or row is over {} bytes, the most the writer builds; a replicated                      value may be at most {} bytes",
+                    super::WRITER_VALUE_BYTES_MAX,
+                    super::CELL_BYTES_MAX
+                ),
             };
         }
         let denied = self

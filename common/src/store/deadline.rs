@@ -6,6 +6,10 @@
 //! SQLite's progress handler asks it every [`PROGRESS_OPS`] virtual-machine instructions whether
 //! to stop; the store closing stops it too. The store's own work (applying remote changes,
 //! migrations, extraction) runs with the guard disarmed and is never interrupted.
+//!
+//! On reader connections the same callback paces a client query that runs long (see
+//! [`PACE_FREE_RUN`]): it sleeps a little between short runs, so a few queries that spin until
+//! their deadline take a fraction of a core each instead of every core the machine has.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -102,16 +106,50 @@ pub(crate) struct Guard {
     closing: Arc<AtomicBool>,
     /// Why the handler last interrupted, taken by whoever maps the error.
     tripped: Mutex<Option<Stop>>,
+    /// Whether a long client statement is paced (readers: see [`Pace`]); the writer never is,
+    /// since pausing it would only hold the single writer longer.
+    paced: bool,
+    /// The pacing of the statement running now.
+    pace: Mutex<Option<Pace>>,
+}
+
+/// A client query may run flat out for this long; past it, it is paced. Queries of an edge's
+/// state take milliseconds; one still running after this is a scan or a runaway.
+pub(crate) const PACE_FREE_RUN: Duration = Duration::from_millis(100);
+
+/// A paced query runs this long between pauses ...
+pub(crate) const PACE_RUN: Duration = Duration::from_millis(1);
+
+/// ... and pauses this long: a long query gets about a quarter of a core, so a few hostile
+/// ones cannot starve the writer, sync and the API of CPU while their deadline runs.
+pub(crate) const PACE_PAUSE: Duration = Duration::from_millis(3);
+
+/// When the running client statement started, and when it last paused.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    started: Instant,
+    paused: Instant,
 }
 
 impl Guard {
-    /// A guard for one connection of a store whose close sets `closing`.
+    /// A guard for the writer connection of a store whose close sets `closing`.
     pub(crate) fn new(closing: Arc<AtomicBool>) -> Arc<Guard> {
+        Self::with_pacing(closing, false)
+    }
+
+    /// A guard for a reader connection: as [`Guard::new`], and long client queries are paced.
+    pub(crate) fn paced(closing: Arc<AtomicBool>) -> Arc<Guard> {
+        Self::with_pacing(closing, true)
+    }
+
+    fn with_pacing(closing: Arc<AtomicBool>, paced: bool) -> Arc<Guard> {
         Arc::new(Guard {
             armed: AtomicBool::new(false),
             deadline: Mutex::new(None),
             closing,
             tripped: Mutex::new(None),
+            paced,
+            pace: Mutex::new(None),
         })
     }
 
@@ -125,12 +163,20 @@ impl Guard {
     pub(crate) fn arm(&self, deadline: Option<&Deadline>) {
         *self.deadline.lock().unwrap_or_else(PoisonError::into_inner) = deadline.cloned();
         *self.tripped.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        if self.paced {
+            let now = Instant::now();
+            *self.pace.lock().unwrap_or_else(PoisonError::into_inner) = Some(Pace {
+                started: now,
+                paused: now,
+            });
+        }
         self.armed.store(true, Ordering::Relaxed);
     }
 
-    /// The store's own work from now on: never interrupted.
+    /// The store's own work from now on: never interrupted, never paced.
     pub(crate) fn disarm(&self) {
         self.armed.store(false, Ordering::Relaxed);
+        *self.pace.lock().unwrap_or_else(PoisonError::into_inner) = None;
         *self.deadline.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
@@ -165,8 +211,32 @@ impl Guard {
                 *self.tripped.lock().unwrap_or_else(PoisonError::into_inner) = Some(why);
                 true
             }
-            None => false,
+            None => {
+                self.pace();
+                false
+            }
         }
+    }
+
+    /// Pauses a paced statement that has run past [`PACE_FREE_RUN`] for [`PACE_PAUSE`] after
+    /// every [`PACE_RUN`] of work. Runs on the statement's own thread, inside SQLite's progress
+    /// callback, so only that statement waits.
+    fn pace(&self) {
+        if !self.paced {
+            return;
+        }
+        let mut pace = self.pace.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(state) = pace.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if now.duration_since(state.started) < PACE_FREE_RUN
+            || now.duration_since(state.paused) < PACE_RUN
+        {
+            return;
+        }
+        std::thread::sleep(PACE_PAUSE);
+        state.paused = Instant::now();
     }
 }
 
@@ -198,6 +268,38 @@ mod tests {
         assert_eq!(passed.stop(), Some(Stop::Deadline));
         let err = passed.error(Stop::Deadline, "query");
         assert!(err.to_string().contains("(test)"), "{err}");
+    }
+
+    #[test]
+    fn a_paced_guard_pauses_a_long_statement_and_never_a_short_one_or_the_writer() {
+        let closing = Arc::new(AtomicBool::new(false));
+        let deadline = Deadline::after(Duration::from_secs(60), "test");
+        let reader = Guard::paced(Arc::clone(&closing));
+        let writer = Guard::new(closing);
+        for guard in [&reader, &writer] {
+            guard.arm(Some(&deadline));
+        }
+        // Within the free run nothing pauses.
+        let started = Instant::now();
+        for _ in 0..10 {
+            assert!(!reader.should_stop());
+        }
+        assert!(started.elapsed() < PACE_FREE_RUN);
+        std::thread::sleep(PACE_FREE_RUN + PACE_RUN);
+        // Past it the reader pauses at least once; the writer never does.
+        let started = Instant::now();
+        assert!(!reader.should_stop());
+        assert!(started.elapsed() >= PACE_PAUSE, "{:?}", started.elapsed());
+        let started = Instant::now();
+        for _ in 0..100 {
+            assert!(!writer.should_stop());
+        }
+        assert!(started.elapsed() < PACE_PAUSE, "{:?}", started.elapsed());
+        // A disarmed reader (the store's own reads) is never paced.
+        reader.disarm();
+        let started = Instant::now();
+        assert!(!reader.should_stop());
+        assert!(started.elapsed() < PACE_PAUSE, "{:?}", started.elapsed());
     }
 
     #[test]

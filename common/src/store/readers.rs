@@ -240,7 +240,7 @@ impl Readers {
             Arc::clone(&client_mode),
             Arc::clone(&denied),
         )?;
-        let guard = Guard::new(Arc::clone(&self.closing));
+        let guard = Guard::paced(Arc::clone(&self.closing));
         guard.install(&mut conn)?;
         Ok(Reader {
             conn,

@@ -212,31 +212,31 @@ impl Guard {
                 true
             }
             None => {
-                self.pace();
+                self.pace(Instant::now());
                 false
             }
         }
     }
 
     /// Pauses a paced statement that has run past [`PACE_FREE_RUN`] for [`PACE_PAUSE`] after
-    /// every [`PACE_RUN`] of work. Runs on the statement's own thread, inside SQLite's progress
-    /// callback, so only that statement waits.
-    fn pace(&self) {
+    /// every [`PACE_RUN`] of work; says whether it paused. Runs on the statement's own thread,
+    /// inside SQLite's progress callback, so only that statement waits.
+    fn pace(&self, now: Instant) -> bool {
         if !self.paced {
-            return;
+            return false;
         }
         let mut pace = self.pace.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(state) = pace.as_mut() else {
-            return;
+            return false;
         };
-        let now = Instant::now();
-        if now.duration_since(state.started) < PACE_FREE_RUN
-            || now.duration_since(state.paused) < PACE_RUN
+        if now.saturating_duration_since(state.started) < PACE_FREE_RUN
+            || now.saturating_duration_since(state.paused) < PACE_RUN
         {
-            return;
+            return false;
         }
         std::thread::sleep(PACE_PAUSE);
-        state.paused = Instant::now();
+        state.paused = Instant::now().max(now);
+        true
     }
 }
 
@@ -276,30 +276,21 @@ mod tests {
         let deadline = Deadline::after(Duration::from_secs(60), "test");
         let reader = Guard::paced(Arc::clone(&closing));
         let writer = Guard::new(closing);
+        let armed = Instant::now();
         for guard in [&reader, &writer] {
             guard.arm(Some(&deadline));
         }
         // Within the free run nothing pauses.
-        let started = Instant::now();
-        for _ in 0..10 {
-            assert!(!reader.should_stop());
-        }
-        assert!(started.elapsed() < PACE_FREE_RUN);
-        std::thread::sleep(PACE_FREE_RUN + PACE_RUN);
-        // Past it the reader pauses at least once; the writer never does.
-        let started = Instant::now();
-        assert!(!reader.should_stop());
-        assert!(started.elapsed() >= PACE_PAUSE, "{:?}", started.elapsed());
-        let started = Instant::now();
-        for _ in 0..100 {
-            assert!(!writer.should_stop());
-        }
-        assert!(started.elapsed() < PACE_PAUSE, "{:?}", started.elapsed());
+        assert!(!reader.pace(armed + PACE_FREE_RUN / 2));
+        // Past it the reader pauses; the writer never does.
+        let later = Instant::now() + PACE_FREE_RUN * 2;
+        assert!(reader.pace(later));
+        assert!(!writer.pace(later));
+        // Right after a pause it runs again for a while.
+        assert!(!reader.pace(later));
         // A disarmed reader (the store's own reads) is never paced.
         reader.disarm();
-        let started = Instant::now();
-        assert!(!reader.should_stop());
-        assert!(started.elapsed() < PACE_PAUSE, "{:?}", started.elapsed());
+        assert!(!reader.pace(later + PACE_FREE_RUN));
     }
 
     #[test]

@@ -777,7 +777,7 @@ async fn a_peer_that_fails_the_handshake_is_redialed_with_growing_pauses() {
     let gaps: Vec<Duration> = attempts_at.windows(2).map(|w| w[1] - w[0]).collect();
     for pair in gaps.windows(2) {
         // Each pause is drawn from the upper half of a doubled ceiling, so it is never
-        // shorter than the one before; 200 ms absorbs polling and handshake time on a busy machine.
+        // shorter than the one before; 200 ms absorbs polling and handshake jitter.
         assert!(
             pair[1] + Duration::from_millis(200) >= pair[0],
             "pauses shrank: {gaps:?}"

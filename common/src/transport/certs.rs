@@ -102,14 +102,7 @@ fn write_new(path: &Path, data: &[u8], secret: bool) -> Result<(), TransportErro
 
 /// Generates a self-signed cluster CA named `common_name` (e.g. `strata regional iad CA`).
 pub fn generate_ca(common_name: &str) -> Result<CertPair, TransportError> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, ORGANIZATION);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
+    let mut params = named(common_name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -161,14 +154,7 @@ pub fn generate_node_valid(
     identity.validate()?;
     let issuer = load_issuer(ca)?;
 
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, ORGANIZATION);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, identity.node.as_str());
+    let mut params = named(identity.node.as_str());
     let mut sans = vec![
         SanType::URI(ia5(identity.uri())?),
         SanType::DnsName(ia5(identity.cluster_name())?),
@@ -202,12 +188,7 @@ pub fn generate_client_without_identity(
     name: &str,
 ) -> Result<CertPair, TransportError> {
     let issuer = load_issuer(ca)?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, ORGANIZATION);
-    params.distinguished_name.push(DnType::CommonName, name);
+    let mut params = named(name);
     params.subject_alt_names = vec![SanType::DnsName(ia5(name.to_owned())?)];
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -219,6 +200,19 @@ pub fn generate_client_without_identity(
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     })
+}
+
+/// Certificate parameters whose subject is our organization and `common_name`.
+fn named(common_name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, ORGANIZATION);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params
 }
 
 /// Validity from `not_before` to `not_after`, in whole seconds (a time before the epoch counts

@@ -216,6 +216,13 @@ pub struct ApiSection {
     /// Longest time one `Query` (or one run of a subscription's query) may take, ms: it holds a
     /// reader connection. A smaller client deadline wins.
     pub query_timeout_ms: u64,
+    /// Whether `Transact` is served while the node is still joining or catching up after a
+    /// start. `true` (the default): writes stay available through restarts and partitions, as
+    /// a store without consensus should; a write made in that window (about a second after a
+    /// restart) may lose to a delete made elsewhere that the node has not received yet, as any
+    /// concurrent write may. `false`: such a write is refused with UNAVAILABLE naming what the
+    /// node waits for, so a client retries or goes to another node.
+    pub writes_before_caught_up: bool,
 }
 
 impl Default for ApiSection {
@@ -224,6 +231,7 @@ impl Default for ApiSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 7200)),
             tls: None,
             allow_plaintext: false,
+            writes_before_caught_up: true,
             request_bytes_max: 4 << 20,
             concurrency_max: 256,
             query_batch_rows: 256,

@@ -230,7 +230,16 @@ impl Node {
             addr: gossip_addr,
             incarnation: WallClock::System.now_ms(),
         };
-        let core = Core::new(me, config.cluster.clone(), seeds.clone(), rand::random());
+        let members_file = crate::cluster::known::path_in(&config.node.data_dir);
+        let known = crate::cluster::known::load(&members_file);
+        if !known.is_empty() {
+            tracing::info!(
+                known = known.len(),
+                "announcing to the members known before this start"
+            );
+        }
+        let core = Core::new(me, config.cluster.clone(), seeds.clone(), rand::random())
+            .knowing(known.clone());
         let cluster = driver::spawn(
             core,
             transport.clone(),
@@ -331,6 +340,10 @@ impl Node {
                 addr: config.admin.listen,
                 source,
             })?;
+        crate::telemetry::spawn(
+            &tracker,
+            crate::cluster::known::follow(members_file, cluster.watch(), cancel.clone()),
+        );
         let ready_rx = cluster.watch_readiness();
         crate::telemetry::spawn(
             &tracker,
@@ -338,7 +351,7 @@ impl Node {
                 ReadinessSources {
                     cluster: cluster.clone(),
                     store: store.clone(),
-                    alone: seeds.is_empty(),
+                    alone: seeds.is_empty() && known.is_empty(),
                     api_serving,
                 },
                 Arc::clone(&metrics),
@@ -647,6 +660,7 @@ impl ReadinessSources {
         readiness::Inputs {
             alone: self.alone,
             caught_up: view.caught_up,
+            step: view.step,
             members: view.members.len(),
             had_members: view.had_members,
             sync_failing_for: view.sync_failing_since.map(|since| since.elapsed()),

@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use crate::admin::Readiness;
+use crate::cluster::instep::StepStatus;
 use crate::store::StoreHealth;
 
 /// The writer may take this long on one group while requests wait behind it before the node
@@ -39,19 +40,22 @@ pub enum Reason {
     PeersLost,
     /// Every sync session has failed for a while.
     SyncFailing,
-    /// The node has not caught up with a peer yet.
+    /// The node has not found the cluster it knew yet.
+    Joining,
+    /// The node has not caught up with what its members held when it joined.
     CatchingUp,
 }
 
 impl Reason {
     /// Every reason, for resetting the per-reason gauges.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::ApiDown,
         Reason::WriterStuck,
         Reason::DiskFull,
         Reason::Quarantine,
         Reason::PeersLost,
         Reason::SyncFailing,
+        Reason::Joining,
         Reason::CatchingUp,
     ];
 
@@ -64,6 +68,7 @@ impl Reason {
             Reason::Quarantine => "quarantine",
             Reason::PeersLost => "peers_lost",
             Reason::SyncFailing => "sync_failing",
+            Reason::Joining => "joining",
             Reason::CatchingUp => "catching_up",
         }
     }
@@ -74,8 +79,10 @@ impl Reason {
 pub struct Inputs {
     /// The node started with no one to join (no seeds): it has nothing to catch up with.
     pub alone: bool,
-    /// A sync session found this node holding everything its peer held.
+    /// The node found its cluster and caught up with what its members held when it joined.
     pub caught_up: bool,
+    /// What a starting node still waits for.
+    pub step: StepStatus,
     /// Live members, not counting this node.
     pub members: usize,
     /// Whether this node has ever seen another member live.
@@ -143,8 +150,25 @@ pub fn evaluate(inputs: &Inputs) -> (Readiness, Vec<Reason>) {
             format!("every sync session has failed for {}s", failing.as_secs()),
         ));
     }
-    if !inputs.alone && !inputs.caught_up {
-        reasons.push((Reason::CatchingUp, "catching up with the cluster".into()));
+    if !inputs.alone && !inputs.step.joined {
+        let step = &inputs.step;
+        let text = if step.known > 0 {
+            format!(
+                "joining the cluster: {} of the {} members known before this start are live",
+                step.known_live, step.known
+            )
+        } else {
+            "joining the cluster: no member has answered yet".to_owned()
+        };
+        reasons.push((Reason::Joining, text));
+    } else if !inputs.alone && !inputs.caught_up {
+        reasons.push((
+            Reason::CatchingUp,
+            format!(
+                "catching up: a complete sync with {} member(s) is pending",
+                inputs.step.catch_up_pending
+            ),
+        ));
     }
     let kinds: Vec<Reason> = reasons.iter().map(|(kind, _)| *kind).collect();
     let texts: Vec<String> = reasons.into_iter().map(|(_, text)| text).collect();
@@ -164,6 +188,11 @@ mod tests {
         Inputs {
             alone: false,
             caught_up: true,
+            step: StepStatus {
+                joined: true,
+                caught_up: true,
+                ..StepStatus::default()
+            },
             members: 2,
             had_members: true,
             api_serving: true,
@@ -259,6 +288,11 @@ mod tests {
     fn the_api_down_and_catching_up_are_reasons_and_all_reasons_are_listed() {
         let inputs = Inputs {
             caught_up: false,
+            step: StepStatus {
+                joined: true,
+                catch_up_pending: 2,
+                ..StepStatus::default()
+            },
             api_serving: false,
             ..Inputs::default()
         };
@@ -266,5 +300,29 @@ mod tests {
         assert_eq!(kinds, vec![Reason::ApiDown, Reason::CatchingUp]);
         assert_eq!(readiness.reasons.len(), 2);
         assert!(readiness.reason.contains("API") && readiness.reason.contains("catching up"));
+        assert!(
+            readiness.reason.contains("2 member(s)"),
+            "{}",
+            readiness.reason
+        );
+    }
+
+    #[test]
+    fn a_node_still_looking_for_its_members_says_how_many_it_found() {
+        let mut inputs = healthy();
+        inputs.caught_up = false;
+        inputs.step = StepStatus {
+            joined: false,
+            known: 4,
+            known_live: 1,
+            ..StepStatus::default()
+        };
+        let (readiness, kinds) = evaluate(&inputs);
+        assert_eq!(kinds, vec![Reason::Joining], "joining hides catching up");
+        assert!(
+            readiness.reason.contains("1 of the 4"),
+            "{}",
+            readiness.reason
+        );
     }
 }

@@ -62,6 +62,27 @@ impl StrataService {
         deadline: Deadline,
     ) -> Result<pb::TransactResponse, Status> {
         self.check_size(request.encoded_len())?;
+        if !self.config.writes_before_caught_up {
+            let view = self.cluster.view();
+            if !view.caught_up {
+                let waiting = if view.step.joined {
+                    format!(
+                        "catching up (a complete sync with {} member(s) is pending)",
+                        view.step.catch_up_pending
+                    )
+                } else {
+                    format!(
+                        "joining ({} of the {} members known before this start are live)",
+                        view.step.known_live, view.step.known
+                    )
+                };
+                return Err(Status::unavailable(format!(
+                    "this node is not in step with its cluster yet: {waiting}; writes are refused \
+                     until it is ([api] writes_before_caught_up = false); retry, or write through \
+                     another node"
+                )));
+            }
+        }
         if request.statements.is_empty() {
             return Err(Status::invalid_argument(
                 "a transaction needs at least one statement",

@@ -20,6 +20,7 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::broadcast::{Broadcaster, Strategy};
+use super::instep::{InStep, StepStatus};
 use super::membership::{Member, MemberEvent, Membership, MembershipConfig};
 use super::sync::{AntiEntropy, SyncConfig};
 use crate::store::{Changeset, SiteId, Store};
@@ -61,6 +62,8 @@ pub enum Timer {
     SyncRound,
     /// Announce to the seeds again (with the generation it was set in).
     Reannounce(u64),
+    /// Stop waiting for every known member before counting as joined.
+    JoinWait,
 }
 
 /// Something that happened, for the core to react to.
@@ -144,12 +147,19 @@ pub struct Core {
     rng: StdRng,
     /// Changesets dropped as duplicates before reaching the store.
     duplicates_total: u64,
+    /// Whether this node has found its cluster and caught up with it.
+    in_step: InStep,
+    /// How long to wait for every known member before counting as joined.
+    rejoin_wait: Duration,
 }
 
 impl Core {
     /// The core of member `me`, joining through `seeds`, drawing randomness from `seed`.
     pub fn new(me: Member, config: ClusterConfig, seeds: Vec<SocketAddr>, seed: u64) -> Core {
+        let has_seeds = seeds.iter().any(|s| *s != me.addr);
         Core {
+            in_step: InStep::new([], has_seeds),
+            rejoin_wait: Duration::from_millis(config.membership.rejoin_wait_ms),
             membership: Membership::new(me, config.membership, seeds, seed),
             broadcast: Broadcaster::new(config.broadcast),
             sync: AntiEntropy::new(config.sync),
@@ -158,6 +168,18 @@ impl Core {
             rng: StdRng::seed_from_u64(seed.rotate_left(17)),
             duplicates_total: 0,
         }
+    }
+
+    /// The members this node knew before it stopped (its persisted member list): it announces
+    /// itself to each of them as to a seed, and counts as joined once they are all live again
+    /// (or `rejoin_wait_ms` passed). Call before [`Input::Start`].
+    pub fn knowing(mut self, known: Vec<SocketAddr>) -> Core {
+        let me = self.me().addr;
+        let known: Vec<SocketAddr> = known.into_iter().filter(|a| *a != me).collect();
+        let has_seeds = self.membership.has_seeds() || !known.is_empty();
+        self.membership.add_seeds(&known);
+        self.in_step = InStep::new(known, has_seeds);
+        self
     }
 
     /// This node's identity.
@@ -175,9 +197,15 @@ impl Core {
         self.membership.live_count()
     }
 
-    /// Whether a sync session found this node holding everything its peer held.
+    /// Whether this node found its cluster and caught up with what its members held when it
+    /// joined (see `instep`).
     pub fn caught_up(&self) -> bool {
-        self.sync.caught_up()
+        self.in_step.caught_up()
+    }
+
+    /// What a starting node still waits for.
+    pub fn step_status(&self) -> StepStatus {
+        self.in_step.status()
     }
 
     /// The anti-entropy settings.
@@ -199,11 +227,30 @@ impl Core {
     pub fn handle(&mut self, input: Input<'_>, replica: &dyn Replica) -> Vec<Action> {
         let mut out = Vec::new();
         let mut events = Vec::new();
+        // A catching-up node syncs with the members it waits for when one comes up, on each
+        // round, and straight after a complete session; not after a failed one, which would
+        // hammer a busy peer in a loop.
+        let mut catch_up = matches!(
+            input,
+            Input::Timer(Timer::SyncRound)
+                | Input::SyncFinished {
+                    complete: true,
+                    failed: false,
+                    ..
+                }
+        );
         match input {
             Input::Start => {
+                if self.in_step.waits() {
+                    out.push(Action::Schedule {
+                        after: self.rejoin_wait,
+                        timer: Timer::JoinWait,
+                    });
+                }
                 self.membership.join(&mut out, &mut events);
                 self.sync.start(&mut self.rng, &mut out);
             }
+            Input::Timer(Timer::JoinWait) => self.in_step.wait_over(),
             Input::KnownMembers(members) => self.membership.assume(members, &mut out, &mut events),
             Input::Packet(bytes) => self.membership.handle_packet(bytes, &mut out, &mut events),
             Input::Timer(Timer::Swim(timer)) => {
@@ -238,6 +285,7 @@ impl Core {
                 complete,
                 failed,
             } => {
+                self.in_step.synced(peer, complete && !failed);
                 self.sync.finished(peer, complete, failed, &mut out);
             }
             Input::Leave => self.membership.leave(&mut out, &mut events),
@@ -246,11 +294,19 @@ impl Core {
             match event {
                 MemberEvent::Up(member) => {
                     self.broadcast.member_up(member.addr);
-                    self.sync.member_up(member.addr, &mut out);
+                    self.in_step.member_up(member.addr);
+                    catch_up = true;
                 }
-                MemberEvent::Down(member) => self.broadcast.member_down(member.addr),
+                MemberEvent::Down(member) => {
+                    self.broadcast.member_down(member.addr);
+                    self.in_step.member_down(member.addr);
+                }
             }
             out.push(Action::Member(event));
+        }
+        if catch_up && !self.in_step.caught_up() {
+            // Sync with the members it waits for first, one after another.
+            self.sync.catch_up(self.in_step.pending(), &mut out);
         }
         out
     }

@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tokio_util::time::DelayQueue;
 
 use super::core::{Action, Core, Input, Timer};
+use super::instep::StepStatus;
 use super::membership::{Member, MemberEvent};
 use super::message::{
     self, Changes, KIND_CHANGES, KIND_SWIM, KIND_SYNC_REPLY, KIND_SYNC_REQUEST, SyncReply,
@@ -91,8 +92,11 @@ pub struct ClusterView {
     pub me: Option<Member>,
     /// Live members with their certificate identity when known, in address order.
     pub members: Vec<(Member, Option<PeerIdentity>)>,
-    /// Whether a sync session found this node holding everything its peer held.
+    /// Whether this node found its cluster and caught up with what its members held when it
+    /// joined (see `instep`).
     pub caught_up: bool,
+    /// What a starting node still waits for.
+    pub step: StepStatus,
     /// Whether this node has ever seen another member live.
     pub had_members: bool,
     /// Since when every sync session has failed (none succeeded since); `None` while sessions
@@ -347,6 +351,7 @@ impl Driver {
     async fn run(mut self) {
         let actions = self.core.handle(Input::Start, &self.shared.store);
         self.perform(actions);
+        self.publish_view();
         loop {
             tokio::select! {
                 () = self.shared.cancel.cancelled() => break,
@@ -355,8 +360,13 @@ impl Driver {
                     self.on_event(event);
                 }
                 Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
-                    let actions = self.core.handle(Input::Timer(expired.into_inner()), &self.shared.store);
+                    let timer = expired.into_inner();
+                    let step_changed = matches!(timer, Timer::JoinWait);
+                    let actions = self.core.handle(Input::Timer(timer), &self.shared.store);
                     self.perform(actions);
+                    if step_changed {
+                        self.publish_view();
+                    }
                 }
             }
         }
@@ -553,6 +563,7 @@ impl Driver {
             me: Some(self.core.me()),
             members,
             caught_up,
+            step: self.core.step_status(),
             had_members: self.had_members,
             sync_failing_since: self.sync_failing_since,
         });

@@ -72,6 +72,10 @@ pub struct MembershipConfig {
     pub announce_down_period_ms: u64,
     /// How many down members each such round asks.
     pub announce_down_members: usize,
+    /// How long a restarted node waits for every member it knew before it stopped to be live
+    /// again before it counts as joined anyway (some may be gone for good), ms. Live members
+    /// answer its announcement within a round trip, so this only matters when one is down.
+    pub rejoin_wait_ms: u64,
     /// Backoff bounds for re-announcing to the seeds when no member is left, ms.
     pub reannounce_min_ms: u64,
     /// See `reannounce_min_ms`.
@@ -92,6 +96,7 @@ impl Default for MembershipConfig {
             packet_bytes_max: 1_100,
             announce_down_period_ms: 2_000,
             announce_down_members: 3,
+            rejoin_wait_ms: 2_000,
             reannounce_min_ms: 500,
             reannounce_max_ms: 10_000,
         }
@@ -213,6 +218,21 @@ impl Membership {
     /// SWIM updates waiting to be disseminated (a gauge).
     pub fn updates_backlog(&self) -> usize {
         self.foca.updates_backlog()
+    }
+
+    /// Whether there is anyone to announce to.
+    pub fn has_seeds(&self) -> bool {
+        !self.seeds.is_empty()
+    }
+
+    /// Adds addresses to announce to (and re-announce to when every member is gone).
+    pub fn add_seeds(&mut self, addrs: &[SocketAddr]) {
+        let me = self.me().addr;
+        for addr in addrs {
+            if *addr != me && !self.seeds.contains(addr) {
+                self.seeds.push(*addr);
+            }
+        }
     }
 
     /// Announces this member to its seeds.

@@ -15,6 +15,8 @@
 pub mod broadcast;
 pub mod core;
 pub mod driver;
+pub mod instep;
+pub mod known;
 pub mod membership;
 pub mod message;
 pub mod quarantine;

@@ -179,8 +179,6 @@ pub struct AntiEntropy {
     running: Option<SocketAddr>,
     /// Peers to sync with next, this round.
     planned: VecDeque<SocketAddr>,
-    /// Whether a session has completed without finding anything more to fetch.
-    caught_up: bool,
 }
 
 impl AntiEntropy {
@@ -190,18 +188,12 @@ impl AntiEntropy {
             config,
             running: None,
             planned: VecDeque::new(),
-            caught_up: false,
         }
     }
 
     /// The settings.
     pub fn config(&self) -> &SyncConfig {
         &self.config
-    }
-
-    /// Whether this node has completed a session that found it held everything its peer did.
-    pub fn caught_up(&self) -> bool {
-        self.caught_up
     }
 
     /// Whether a session is under way.
@@ -229,13 +221,19 @@ impl AntiEntropy {
         self.schedule(rng, out);
     }
 
-    /// A member came up: a node that has not caught up syncs with it at once instead of waiting
-    /// for the next round.
-    pub fn member_up(&mut self, peer: SocketAddr, out: &mut Vec<Action>) {
-        if !self.caught_up && self.running.is_none() {
-            self.planned.push_front(peer);
-            self.start_next(out);
+    /// A node that is catching up syncs with these peers next, before any random choice, and
+    /// starts at once if no session runs (instead of waiting for the next round).
+    pub fn catch_up<'a>(
+        &mut self,
+        peers: impl Iterator<Item = &'a SocketAddr>,
+        out: &mut Vec<Action>,
+    ) {
+        for peer in peers {
+            if self.running != Some(*peer) && !self.planned.contains(peer) {
+                self.planned.push_front(*peer);
+            }
         }
+        self.start_next(out);
     }
 
     /// A session ended. `complete`: the server sent everything we lacked. `failed`: it did not
@@ -251,13 +249,9 @@ impl AntiEntropy {
             return;
         }
         self.running = None;
-        if !failed {
-            if complete {
-                self.caught_up = true;
-            } else {
-                // The server stopped at its budget: continue with it at once.
-                self.planned.push_front(peer);
-            }
+        if !failed && !complete {
+            // The server stopped at its budget: continue with it at once.
+            self.planned.push_front(peer);
         }
         self.start_next(out);
     }

@@ -344,6 +344,13 @@ impl Daemon {
                 command
             }
         };
+        // The daemons read `STRATA_*` variables as configuration: the tests' own settings
+        // (`STRATA_HISTORY_SEED`, ...) must not reach them.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("STRATA_HISTORY_") {
+                command.env_remove(key);
+            }
+        }
         let child = command
             .arg("run")
             .arg("--config")

@@ -51,8 +51,9 @@ pub struct Summary {
     pub wiped_acked: usize,
     /// Of those, found at the end.
     pub wiped_survived: usize,
-    /// Real-time ordered write pairs checked (check 5).
-    pub ordered_pairs: usize,
+    /// Acknowledged writes of never-deleted keys compared in real time with the write whose
+    /// value ended up in their column (check 5).
+    pub order_compared: usize,
 }
 
 /// The history and the final state to check.
@@ -326,7 +327,7 @@ fn real_time_order(
                     && w2.acked_effective()
                     && input.durable_ack(w2)
                 {
-                    summary.ordered_pairs += 1;
+                    summary.order_compared += 1;
                     if w.complete + REAL_TIME_SLACK < w2.invoke {
                         later.push(w2);
                     }

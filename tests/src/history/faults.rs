@@ -150,3 +150,51 @@ pub fn drive(
         recorder.fault(event);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_schedule_has_a_kill_and_a_wipe_and_a_partition_when_namespaces_exist() {
+        for seed in 0..200 {
+            for partitions in [false, true] {
+                let steps = schedule(seed, 3, Duration::from_secs(30), 3, partitions);
+                let has = |f: fn(&Fault) -> bool| steps.iter().any(|s| f(&s.fault));
+                assert!(
+                    has(|f| matches!(f, Fault::Kill(_))),
+                    "seed {seed}: {steps:?}"
+                );
+                assert!(
+                    has(|f| matches!(f, Fault::Wipe(_))),
+                    "seed {seed}: {steps:?}"
+                );
+                assert_eq!(
+                    has(|f| matches!(f, Fault::Partition(_))),
+                    partitions,
+                    "seed {seed}: {steps:?}"
+                );
+                for pair in steps.windows(2) {
+                    assert!(
+                        pair[0].at + pair[0].hold < pair[1].at,
+                        "seed {seed}: {steps:?}"
+                    );
+                }
+                assert!(steps.iter().all(|s| s.at < Duration::from_secs(30)));
+                for step in &steps {
+                    if let Fault::Partition(side) = &step.fault {
+                        assert!(!side.is_empty() && side.len() < 3, "seed {seed}: {side:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_seed_gives_one_schedule() {
+        let a = schedule(7, 5, Duration::from_secs(240), 20, true);
+        let b = schedule(7, 5, Duration::from_secs(240), 20, true);
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        assert_eq!(a.len(), 20);
+    }
+}

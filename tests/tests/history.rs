@@ -21,6 +21,13 @@ fn assert_clean(outcome: &strata_tests::history::Outcome, options: &HistoryOptio
             .map(|v| v.check)
             .collect::<std::collections::BTreeSet<_>>()
     );
+    assert_eq!(
+        outcome.faults.len(),
+        options.faults,
+        "seed {}: not every scheduled fault was injected: {:?}",
+        options.seed,
+        outcome.faults
+    );
     assert!(
         outcome.summary.acked > 0 && outcome.summary.reads > 0,
         "seed {}: the workload did nothing: {:?}",

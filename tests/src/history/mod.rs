@@ -78,6 +78,8 @@ pub struct Outcome {
     pub summary: check::Summary,
     /// Whether partitions were injected (namespaces available).
     pub partitions: bool,
+    /// Faults injected, as recorded.
+    pub faults: Vec<record::FaultEvent>,
     /// Seconds from the end of the workload (every fault healed) to convergence.
     pub converged_after_s: f64,
     /// Where the full history was written, when a check failed.
@@ -294,6 +296,7 @@ pub async fn run(options: &HistoryOptions) -> Outcome {
         violations,
         summary,
         partitions,
+        faults: recorder.faults(),
         converged_after_s,
         history_file,
     }

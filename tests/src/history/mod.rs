@@ -102,7 +102,7 @@ pub async fn run(options: &HistoryOptions) -> Outcome {
         Ok(net) => Some(Arc::new(net)),
         Err(why) => {
             eprintln!(
-                "history: NO PARTITIONS in this run: network namespaces are not available ({why})"
+                "history: NO PARTITIONS in this run ({why}): kills and wipes only, on loopback"
             );
             None
         }

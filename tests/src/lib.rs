@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod crash;
+pub mod history;
 pub mod procs;
 pub mod sim;
 pub mod tiers;

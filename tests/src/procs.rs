@@ -5,14 +5,14 @@
 //! api_addr=.. admin_addr=..` tells the ports, and a restart reuses them. Logs go to a file per
 //! node, which a failing wait prints the tail of.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use strata_common::client::Client;
 use strata_common::config::TlsSection;
-use strata_common::transport::Tier;
+use strata_common::transport::{PeerIdentity, Tier, generate_node};
 
 use crate::cluster::Certs;
 
@@ -50,6 +50,21 @@ pub struct Daemon {
     pub admin: SocketAddr,
     /// The database file.
     pub db: PathBuf,
+    /// The data directory (the database and everything beside it).
+    pub data: PathBuf,
+    tls: TlsSection,
+    bootstrap: Vec<String>,
+    host: Option<NetnsHost>,
+}
+
+/// Where a node runs when not on loopback: inside a network namespace (made by the caller),
+/// listening on an address of that namespace.
+#[derive(Debug, Clone)]
+pub struct NetnsHost {
+    /// The namespace's name (`ip netns exec <namespace> ...`).
+    pub namespace: String,
+    /// The node's address inside it; every listener binds it.
+    pub addr: IpAddr,
 }
 
 /// Settings of a process cluster.
@@ -65,6 +80,8 @@ pub struct ProcOptions {
     pub extra_toml: String,
     /// Serve the API with mTLS, with the node's own certificate.
     pub api_tls: bool,
+    /// Node `i` runs in `netns[i]` when present, on loopback otherwise.
+    pub netns: Vec<NetnsHost>,
 }
 
 impl ProcOptions {
@@ -76,6 +93,7 @@ impl ProcOptions {
             region: region.to_owned(),
             extra_toml: String::new(),
             api_tls: false,
+            netns: Vec::new(),
         }
     }
 
@@ -87,6 +105,7 @@ impl ProcOptions {
             region: name.to_owned(),
             extra_toml: String::new(),
             api_tls: true,
+            netns: Vec::new(),
         }
     }
 }
@@ -123,11 +142,30 @@ impl ProcCluster {
     pub fn add_node(&mut self) -> usize {
         let index = self.nodes.len();
         let name = format!("{}-{index}", self.options.region);
-        let tls = self
-            .certs
-            .node(&name, self.options.tier, &self.options.region);
-        let bootstrap = self.nodes.first().map(|d| d.gossip.to_string());
-        let zero: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        let host = self.options.netns.get(index).cloned();
+        let tls = match &host {
+            None => self
+                .certs
+                .node(&name, self.options.tier, &self.options.region),
+            Some(host) => {
+                // The certificate names the namespace address rather than loopback.
+                let identity = PeerIdentity::new(&name, self.options.tier, &self.options.region)
+                    .expect("a valid identity");
+                let pair = generate_node(self.certs.ca(), &identity, &[], &[host.addr])
+                    .expect("a node certificate");
+                self.certs.write(&name, &pair)
+            }
+        };
+        let bootstrap: Vec<String> = self
+            .nodes
+            .first()
+            .map(|d| d.gossip.to_string())
+            .into_iter()
+            .collect();
+        let ip = host
+            .as_ref()
+            .map_or(IpAddr::from([127, 0, 0, 1]), |h| h.addr);
+        let zero = SocketAddr::new(ip, 0);
         let data = self.dir.path().join(&name);
         let mut daemon = Daemon {
             name: name.clone(),
@@ -138,14 +176,48 @@ impl ProcCluster {
             api: zero,
             admin: zero,
             db: data.join("strata.sqlite"),
+            data,
+            tls,
+            bootstrap,
+            host,
         };
-        write_config(&daemon, &self.options, &tls, &data, bootstrap.as_deref());
+        write_config(&daemon, &self.options);
         daemon.spawn(self.options.binary);
         daemon.wait_started();
         // Fix the ports for restarts.
-        write_config(&daemon, &self.options, &tls, &data, bootstrap.as_deref());
+        write_config(&daemon, &self.options);
         self.nodes.push(daemon);
         index
+    }
+
+    /// Rewrites every node's configuration to bootstrap from all the other nodes, so any node
+    /// (the first included) finds the cluster again after a restart, even with a wiped disk.
+    /// Takes effect at each node's next start.
+    pub fn bootstrap_from_all(&mut self) {
+        let all: Vec<String> = self.nodes.iter().map(|d| d.gossip.to_string()).collect();
+        for daemon in &mut self.nodes {
+            let own = daemon.gossip.to_string();
+            daemon.bootstrap = all.iter().filter(|a| **a != own).cloned().collect();
+            write_config(daemon, &self.options);
+        }
+    }
+
+    /// Whether node `index` has a running process (started and not killed or stopped).
+    pub fn running(&self, index: usize) -> bool {
+        self.nodes[index].child.is_some()
+    }
+
+    /// Deletes node `index`'s data directory, as a lost disk would; the node must be down
+    /// (killed or stopped). Its next [`ProcCluster::restart`] starts empty on the same ports.
+    pub fn wipe(&mut self, index: usize) {
+        assert!(
+            !self.running(index),
+            "wipe node {index} only while it is down"
+        );
+        let data = &self.nodes[index].data;
+        if data.exists() {
+            std::fs::remove_dir_all(data).expect("the data directory is removed");
+        }
     }
 
     /// Kills node `index` with SIGKILL.
@@ -205,16 +277,25 @@ impl Drop for ProcCluster {
     }
 }
 
-fn write_config(
-    daemon: &Daemon,
-    options: &ProcOptions,
-    tls: &TlsSection,
-    data: &Path,
-    bootstrap: Option<&str>,
-) {
-    let bootstrap = bootstrap
-        .map(|b| format!("bootstrap = [\"{b}\"]"))
-        .unwrap_or_default();
+fn write_config(daemon: &Daemon, options: &ProcOptions) {
+    let tls = &daemon.tls;
+    let data = &daemon.data;
+    let bootstrap = if daemon.bootstrap.is_empty() {
+        String::new()
+    } else {
+        let quoted: Vec<String> = daemon
+            .bootstrap
+            .iter()
+            .map(|b| format!("\"{b}\""))
+            .collect();
+        format!("bootstrap = [{}]", quoted.join(", "))
+    };
+    // A namespace address is not loopback: plaintext there is what the test means.
+    let plaintext = if daemon.host.is_some() && !options.api_tls {
+        "allow_plaintext = true\n"
+    } else {
+        ""
+    };
     let api_tls = if options.api_tls {
         format!(
             "[api.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
@@ -229,7 +310,7 @@ fn write_config(
         "[node]\nname = \"{name}\"\nregion = \"{region}\"\ndata_dir = \"{data}\"\n\
          [gossip]\nlisten = \"{gossip}\"\n{bootstrap}\n\
          [gossip.tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
-         [api]\nlisten = \"{api}\"\n{api_tls}[admin]\nlisten = \"{admin}\"\n{extra}\n",
+         [api]\nlisten = \"{api}\"\n{plaintext}{api_tls}[admin]\nlisten = \"{admin}\"\n{extra}\n",
         name = daemon.name,
         region = options.region,
         data = data.display(),
@@ -251,7 +332,26 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("a log file");
-        let child = Command::new(daemon_binary(binary))
+        let mut command = match &self.host {
+            None => Command::new(daemon_binary(binary)),
+            Some(host) => {
+                // `ip netns exec` execs the daemon in place: the child's pid is the daemon's,
+                // so kill -9 reaches it.
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", &host.namespace])
+                    .arg(daemon_binary(binary));
+                command
+            }
+        };
+        // The daemons read `STRATA_*` variables as configuration: the tests' own settings
+        // (`STRATA_HISTORY_SEED`, ...) must not reach them.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("STRATA_HISTORY_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config)

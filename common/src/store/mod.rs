@@ -9,7 +9,8 @@
 //! - Each local transaction that changes something gets the next version of this site; one that
 //!   changes nothing gets none (see `writer`).
 //! - Each cell is a last-writer-wins register ordered by (hybrid logical timestamp, site id); rows
-//!   live and die by causal length (see `apply`).
+//!   live and die by causal length (see `apply`), and a row life shows only once the insert that
+//!   began it arrived: cells that come first wait for it (see `waiting`, `docs/merge-rules.md`).
 //! - A cell with no clock entry holds its column's default at timestamp zero, which makes `ADD
 //!   COLUMN` free: no backfill, no versions, nothing to send (see `schema`).
 //! - Per-site bookkeeping (head, gaps, partial versions) is written in the same transaction as the

@@ -777,6 +777,17 @@ impl MetricSource for StoreSource {
                 "Client statements stopped for their deadline, their caller leaving or shutdown.",
                 s.stopped_total,
             ),
+            counter(
+                "strata_store_waiting_cells",
+                "Remote cells that arrived before the row event of their row life and waited.",
+                s.waiting_total,
+            ),
+            Sample {
+                name: "strata_store_waiting_cells_now",
+                help: "Cells waiting for the row event of their row life now.",
+                kind: SampleKind::Gauge,
+                value: s.waiting_now as f64,
+            },
             Sample {
                 name: "strata_store_head",
                 help: "This node's latest version.",

@@ -1,12 +1,15 @@
 //! Merging remote changes into the local tables (capture is off while this runs).
 //!
-//! Per row, causal length first: a change from an older life of the row is dropped; a change
-//! from a newer life moves the row there (an even life deletes it; an odd one resets every cell
-//! to its default, or creates the row with defaults). Within one life each cell is a
+//! Per row, causal length first: a change from an older life of the row is dropped; a row event
+//! of a newer life moves the row there (an even life deletes it; an odd one resets every cell to
+//! its default, or creates the row with defaults). A cell of a newer life whose row event has not
+//! been applied here waits for it (see `waiting`) instead of making the row visible: a row life
+//! becomes visible only once the write that began it arrived. Within one life each cell is a
 //! last-writer-wins register ordered by (timestamp, site id, seq); a cell with no clock entry is
 //! its default at timestamp zero. A winning value equal to the current one still takes the clock
 //! (so every replica ends with the same metadata) but does not rewrite the row. Row events of the
-//! same life keep the greatest stamp, again so metadata converges.
+//! same life keep the greatest stamp, again so metadata converges. The rules, with examples, are
+//! in `docs/merge-rules.md`.
 //!
 //! Changes for a table or column this node does not have yet are parked, with all their
 //! metadata, and merged by the same rules when the schema arrives.
@@ -27,6 +30,7 @@ use super::hlc::Timestamp;
 use super::schema::quote;
 use super::table::{ROW_EVENT, Table};
 use super::value::{Value, unpack_pk};
+use super::waiting;
 
 /// What merging one change did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +41,8 @@ pub(crate) enum Merged {
     Unchanged,
     /// Parked until the schema knows its table or column.
     Parked,
+    /// A cell waiting for the row event of its row life (see `waiting`).
+    Waiting,
 }
 
 /// The context a change is merged in: who wrote it and where it came from.
@@ -57,7 +63,7 @@ const FRESH_BATCH_ROWS: usize = 64;
 /// the next such rows of the same table: one multi-row base insert and one multi-row insert of
 /// clock entries for up to [`FRESH_BATCH_ROWS`] rows, instead of a merge per cell. That is what
 /// a catching-up node does for almost every row. Any other row goes change by change, after the
-/// batch so far is written.
+/// batch so far is written. A row whose changes carry no row event is never fresh: its cells wait.
 pub(crate) struct RowMerger<'a> {
     conn: &'a Connection,
     tables: &'a HashMap<String, Arc<Table>>,
@@ -66,6 +72,10 @@ pub(crate) struct RowMerger<'a> {
     fresh: Vec<&'a [Change]>,
     fresh_table: Option<Arc<Table>>,
     fresh_keys: HashSet<&'a [u8]>,
+    /// Whether cells may be waiting for their row life; `None` until first asked.
+    may_wait: Option<bool>,
+    /// Cells that started to wait for their row life.
+    waited: usize,
 }
 
 impl<'a> RowMerger<'a> {
@@ -84,6 +94,31 @@ impl<'a> RowMerger<'a> {
             fresh: Vec::new(),
             fresh_table: None,
             fresh_keys: HashSet::new(),
+            may_wait: None,
+            waited: 0,
+        }
+    }
+
+    /// Cells of this version that started to wait for their row life.
+    pub(crate) fn waited(&self) -> usize {
+        self.waited
+    }
+
+    /// Whether cells waited for their row life while this version merged (so some may have
+    /// started or stopped waiting).
+    pub(crate) fn saw_waiting(&self) -> bool {
+        self.may_wait == Some(true)
+    }
+
+    /// Whether any cell may wait (asked once per version, then tracked).
+    fn may_wait(&mut self) -> Result<bool> {
+        match self.may_wait {
+            Some(known) => Ok(known),
+            None => {
+                let known = waiting::any(self.conn)?;
+                self.may_wait = Some(known);
+                Ok(known)
+            }
         }
     }
 
@@ -101,9 +136,11 @@ impl<'a> RowMerger<'a> {
                     .as_deref()
                     .is_none_or(|col| table.tracked_position(col).is_some())
             })
+            && changes.iter().any(Change::is_row_event)
             && distinct_columns(changes)
             && !self.fresh_keys.contains(first.pk.as_slice())
             && clock::row_get(self.conn, table, &first.pk)?.is_none()
+            && !(self.may_wait()? && waiting::for_row(self.conn, &first.table, &first.pk)?)
         {
             if self
                 .fresh_table
@@ -122,9 +159,21 @@ impl<'a> RowMerger<'a> {
         self.flush()?;
         let (mut changed, mut parked) = (0, 0);
         for change in changes {
-            match merge(self.conn, self.tables, self.books, self.origin, change)? {
+            let may_wait = self.may_wait()?;
+            match merge_gated(
+                self.conn,
+                self.tables,
+                self.books,
+                self.origin,
+                change,
+                may_wait,
+            )? {
                 Merged::Changed => changed += 1,
                 Merged::Parked => parked += 1,
+                Merged::Waiting => {
+                    self.waited += 1;
+                    self.may_wait = Some(true);
+                }
                 Merged::Unchanged => {}
             }
         }
@@ -283,6 +332,18 @@ pub(crate) fn merge(
     origin: Origin,
     change: &Change,
 ) -> Result<Merged> {
+    merge_gated(conn, tables, books, origin, change, true)
+}
+
+/// [`merge`], told whether cells may be waiting for their row life (`false` skips looking).
+fn merge_gated(
+    conn: &Connection,
+    tables: &HashMap<String, Arc<Table>>,
+    books: &Books,
+    origin: Origin,
+    change: &Change,
+    may_wait: bool,
+) -> Result<Merged> {
     let Some(table) = tables.get(&change.table) else {
         park(conn, origin, change)?;
         return Ok(Merged::Parked);
@@ -302,50 +363,32 @@ pub(crate) fn merge(
             table.key.len()
         )));
     }
-    let mut changed = false;
     let life = clock::row_get(conn, table, &change.pk)?;
     let local_cl = life.map_or(0, |l| l.cl);
     if change.cl < local_cl {
         return Ok(Merged::Unchanged);
     }
-    let row_stamp = if change.is_row_event() {
-        stamp
-    } else {
-        Stamp::IMPLIED
-    };
-    let life = if change.cl > local_cl {
-        changed = enter_life(
-            conn,
-            table,
-            &change.pk,
-            &key_values,
-            life,
-            change.cl,
-            row_stamp,
-        )?;
-        if change.cl.is_multiple_of(2) {
-            return Ok(if changed {
-                Merged::Changed
-            } else {
-                Merged::Unchanged
-            });
-        }
-        clock::row_get(conn, table, &change.pk)?
-            .ok_or_else(|| StoreError::Corrupt("row life vanished after it was written".into()))?
-    } else {
-        let life =
-            life.ok_or_else(|| StoreError::Corrupt("equal causal length without a row".into()))?;
-        if change.is_row_event() {
+    let Some(column) = change.column.as_deref() else {
+        // A row event.
+        let changed = if change.cl > local_cl {
+            let changed = enter_life(conn, table, &change.pk, &key_values, life, change.cl, stamp)?;
+            if may_wait {
+                waiting::drop_older(conn, &change.table, &change.pk, change.cl)?;
+            }
+            changed
+        } else {
+            let life = life
+                .ok_or_else(|| StoreError::Corrupt("equal causal length without a row".into()))?;
             // Same life: keep the greatest row event, so every replica records the same one.
             if later(books, stamp, (life.ts, life.site, life.seq)) {
                 clock::row_set(conn, table, &change.pk, life.cl, stamp)?;
             }
-            return Ok(Merged::Unchanged);
-        }
-        life
-    };
-    let Some(column) = change.column.as_deref() else {
-        return Ok(if changed {
+            false
+        };
+        let arrived = may_wait
+            && change.cl % 2 == 1
+            && life_arrived(conn, table, books, &change.pk, &key_values, change.cl)? > 0;
+        return Ok(if changed || arrived {
             Merged::Changed
         } else {
             Merged::Unchanged
@@ -355,20 +398,105 @@ pub(crate) fn merge(
         park(conn, origin, change)?;
         return Ok(Merged::Parked);
     };
+    if change.cl > local_cl {
+        // The row event that began this life has not been applied here: the cell waits for it
+        // rather than make visible a row nobody wrote (this cell and defaults).
+        return Ok(if waiting::wait(conn, origin, change)? {
+            Merged::Waiting
+        } else {
+            Merged::Unchanged
+        });
+    }
+    let life =
+        life.ok_or_else(|| StoreError::Corrupt("equal causal length without a row".into()))?;
     let cell = Cell {
         pk: &change.pk,
         key_values: &key_values,
         position,
         value: &change.value,
     };
-    if merge_cell(conn, table, books, &life, &cell, stamp)? {
-        changed = true;
-    }
-    Ok(if changed {
+    Ok(if merge_cell(conn, table, books, &life, &cell, stamp)? {
         Merged::Changed
     } else {
         Merged::Unchanged
     })
+}
+
+/// The row event of life `cl` of a row has been applied here (remote, or a local insert): the
+/// cells that waited for it merge by the usual rules. Returns how many changed the base row.
+pub(crate) fn life_arrived(
+    conn: &Connection,
+    table: &Table,
+    books: &Books,
+    pk: &[u8],
+    key_values: &[Value],
+    cl: u64,
+) -> Result<usize> {
+    let cells = waiting::take(conn, table.name(), pk, cl)?;
+    if cells.is_empty() {
+        return Ok(0);
+    }
+    let life = clock::row_get(conn, table, pk)?
+        .filter(|l| l.cl == cl)
+        .ok_or_else(|| StoreError::Corrupt("row life vanished after it was written".into()))?;
+    let mut changed = 0;
+    for waited in cells {
+        // A column of the schema when the cell waited stays one: columns are never dropped.
+        let Some(position) = waited
+            .change
+            .column
+            .as_deref()
+            .and_then(|c| table.tracked_position(c))
+        else {
+            park(conn, waited.origin, &waited.change)?;
+            continue;
+        };
+        let stamp = Stamp {
+            ts: waited.origin.ts,
+            site: waited.origin.ord,
+            version: waited.origin.version,
+            seq: waited.change.seq,
+        };
+        let cell = Cell {
+            pk,
+            key_values,
+            position,
+            value: &waited.change.value,
+        };
+        if merge_cell(conn, table, books, &life, &cell, stamp)? {
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}
+
+/// After a local transaction: the row lives its inserts began (odd row events) may have cells
+/// waiting for them, which merge now; cells waiting for a life older than a row's life now (a
+/// row inserted and deleted in the transaction) are dropped. Returns whether any cell waited at
+/// all (so the gauge of waiting cells may have moved).
+pub(crate) fn local_lives_arrived(
+    conn: &Connection,
+    tables: &HashMap<String, Arc<Table>>,
+    books: &Books,
+    changes: &[Change],
+) -> Result<bool> {
+    if !waiting::any(conn)? {
+        return Ok(false);
+    }
+    for change in changes {
+        if !change.is_row_event() {
+            continue;
+        }
+        let Some(table) = tables.get(&change.table) else {
+            continue;
+        };
+        waiting::drop_older(conn, &change.table, &change.pk, change.cl)?;
+        if change.cl % 2 == 1 {
+            let key_values = unpack_pk(&change.pk)?;
+            life_arrived(conn, table, books, &change.pk, &key_values, change.cl)?;
+        }
+    }
+    Ok(true)
 }
 
 /// Moves a row to a newer life. Returns whether the base row changed.

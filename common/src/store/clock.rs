@@ -26,8 +26,9 @@ pub(crate) struct Stamp {
 }
 
 impl Stamp {
-    /// The stamp of a row life implied by a cell whose row event has not arrived yet: it loses to
-    /// every real row event of the same life.
+    /// The stamp of a row life implied by a cell whose row event had not arrived: it loses to
+    /// every real row event of the same life. Only stores written before such cells waited for
+    /// their row event (see `waiting`) still hold it; nothing records it any more.
     pub(crate) const IMPLIED: Stamp = Stamp {
         ts: Timestamp::ZERO,
         site: -1,

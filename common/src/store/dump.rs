@@ -13,8 +13,8 @@ use super::error::Result;
 use super::table::ROW_EVENT;
 use super::value::{Value, display_pk, unpack_pk};
 
-/// Dumps every replicated table: rows with their life and values, cells with their clocks, and
-/// parked changes.
+/// Dumps every replicated table: rows with their life and values, cells with their clocks,
+/// parked changes, and cells waiting for their row life.
 pub(crate) fn dump(conn: &Connection, catalog: &Catalog) -> Result<String> {
     let mut sites: HashMap<Ord, String> = HashMap::new();
     let mut stmt = conn.prepare("SELECT ord, site_id FROM __strata_sites")?;
@@ -109,6 +109,28 @@ pub(crate) fn dump(conn: &Connection, catalog: &Catalog) -> Result<String> {
             site(row.get(3)?),
             row.get::<_, i64>(4)?,
             row.get::<_, i64>(5)?,
+        );
+    }
+    drop(rows);
+    drop(stmt);
+    // Ordered by site id, not by the local ordinal, which differs between replicas.
+    let mut stmt = conn.prepare(
+        "SELECT w.tbl, w.col, w.pk, w.ord, w.version, w.seq, w.cl, w.val, w.ts
+         FROM __strata_waiting w LEFT JOIN __strata_sites s ON s.ord = w.ord
+         ORDER BY w.tbl, w.pk, w.cl, w.col, s.site_id, w.version, w.seq",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let pk: Vec<u8> = row.get(2)?;
+        let value: Value = row.get(7)?;
+        let _ = writeln!(
+            out,
+            "waiting {}.{} {} cl={} {} = {value}",
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            display_pk(&pk),
+            row.get::<_, i64>(6)?,
+            stamp(row.get(8)?, row.get(3)?, row.get(4)?, row.get(5)?),
         );
     }
     Ok(out)

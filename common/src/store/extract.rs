@@ -2,8 +2,9 @@
 //!
 //! Runs on a reader connection in one read transaction, so a version is read from one snapshot.
 //! What survives of a version is its row events and cells that no later write has overwritten,
-//! plus any of its changes parked here for an unknown table or column. A version with nothing
-//! left is served empty, which tells the peer it is complete.
+//! plus any of its changes parked here for an unknown table or column, and any of its cells still
+//! waiting here for the row event of their row life (see `waiting`). A version with nothing left
+//! is served empty, which tells the peer it is complete.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::RangeInclusive;
@@ -77,6 +78,26 @@ pub(crate) fn versions(
                 table: row.get(2)?,
                 pk: row.get(3)?,
                 column: if col == ROW_EVENT { None } else { Some(col) },
+                value: row.get(5)?,
+                cl: from_sql(row.get(7)?),
+                seq: row.get(1)?,
+            },
+        ));
+    }
+
+    drop(rows);
+    let mut stmt = conn.prepare_cached(
+        "SELECT version, seq, tbl, pk, col, val, ts, cl FROM __strata_waiting
+         WHERE ord = ?1 AND version BETWEEN ?2 AND ?3",
+    )?;
+    let mut rows = stmt.query(params![ord, to_sql(lo), to_sql(hi)])?;
+    while let Some(row) = rows.next()? {
+        parked.entry(from_sql(row.get(0)?)).or_default().push((
+            Timestamp::from_sql(row.get(6)?),
+            Change {
+                table: row.get(2)?,
+                pk: row.get(3)?,
+                column: Some(row.get(4)?),
                 value: row.get(5)?,
                 cl: from_sql(row.get(7)?),
                 seq: row.get(1)?,

@@ -44,6 +44,13 @@ CREATE TABLE IF NOT EXISTS __strata_parked (
     PRIMARY KEY (ord, version, seq)
 ) WITHOUT ROWID, STRICT;
 CREATE INDEX IF NOT EXISTS __strata_parked_tbl ON __strata_parked (tbl, col);
+CREATE TABLE IF NOT EXISTS __strata_waiting (
+    ord INTEGER NOT NULL, version INTEGER NOT NULL, seq INTEGER NOT NULL,
+    tbl TEXT NOT NULL, pk BLOB NOT NULL, cl INTEGER NOT NULL, col TEXT NOT NULL, val ANY,
+    ts INTEGER NOT NULL,
+    PRIMARY KEY (ord, version, seq)
+) WITHOUT ROWID, STRICT;
+CREATE INDEX IF NOT EXISTS __strata_waiting_row ON __strata_waiting (tbl, pk, cl);
 CREATE TABLE IF NOT EXISTS __strata_tables (
     name TEXT PRIMARY KEY, tid INTEGER NOT NULL UNIQUE, ddl TEXT NOT NULL
 ) STRICT;

@@ -9,7 +9,8 @@
 //! - Each local transaction that changes something gets the next version of this site; one that
 //!   changes nothing gets none (see `writer`).
 //! - Each cell is a last-writer-wins register ordered by (hybrid logical timestamp, site id); rows
-//!   live and die by causal length (see `apply`).
+//!   live and die by causal length (see `apply`), and a row life shows only once the insert that
+//!   began it arrived: cells that come first wait for it (see `waiting`, `docs/merge-rules.md`).
 //! - A cell with no clock entry holds its column's default at timestamp zero, which makes `ADD
 //!   COLUMN` free: no backfill, no versions, nothing to send (see `schema`).
 //! - Per-site bookkeeping (head, gaps, partial versions) is written in the same transaction as the
@@ -37,6 +38,7 @@ mod readers;
 mod schema;
 mod table;
 mod value;
+mod waiting;
 mod writer;
 
 use std::collections::HashMap;
@@ -291,6 +293,23 @@ pub(crate) struct Stats {
     pub(crate) merged_changes_total: AtomicU64,
     pub(crate) far_future_total: AtomicU64,
     pub(crate) stopped_total: AtomicU64,
+    /// Cells that started to wait for the row event of their row life.
+    pub(crate) waiting_total: AtomicU64,
+    /// Cells waiting for their row life now, as of the writer's last change to them.
+    pub(crate) waiting_now: AtomicU64,
+}
+
+impl Stats {
+    /// Counts `started` cells that began to wait and refreshes the gauge of those waiting now
+    /// from the count kept in the open transaction (exact after a rollback once the next
+    /// transaction that touches waiting cells runs).
+    pub(crate) fn count_waiting(&self, conn: &Connection, started: usize) -> Result<()> {
+        self.waiting_total
+            .fetch_add(started as u64, Ordering::Relaxed);
+        self.waiting_now
+            .store(waiting::count(conn)?, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// A snapshot of the store's counters.
@@ -317,6 +336,10 @@ pub struct StoreStats {
     /// Client statements stopped (or never run) for their deadline, their caller going away or
     /// the store closing.
     pub stopped_total: u64,
+    /// Remote cells that arrived before the row event of their row life and waited for it.
+    pub waiting_total: u64,
+    /// Cells waiting for the row event of their row life now.
+    pub waiting_now: u64,
 }
 
 /// The tables of the current schema, shared by the writer and the readers.
@@ -493,13 +516,17 @@ impl Store {
         let clock = hlc::Clock::new(Timestamp::from_sql(last), options.clock_drift_max_ms);
         capture.set_tables(catalog.by_tid.clone());
 
+        let stats = Stats::default();
+        stats
+            .waiting_now
+            .store(waiting::count(&conn)?, Ordering::Relaxed);
         let (events, _) = broadcast::channel(options.events_capacity.max(1));
         let shared = Arc::new(Shared {
             site: identity.site,
             ord: identity.ord,
             catalog: RwLock::new(Arc::clone(&catalog)),
             books: RwLock::new(books.clone()),
-            stats: Stats::default(),
+            stats,
             events,
             options: options.clone(),
             activity: Arc::new(Activity::default()),
@@ -989,6 +1016,8 @@ impl Store {
             merged_changes_total: get(&s.merged_changes_total),
             far_future_total: get(&s.far_future_total),
             stopped_total: get(&s.stopped_total),
+            waiting_total: get(&s.waiting_total),
+            waiting_now: get(&s.waiting_now),
         }
     }
 }

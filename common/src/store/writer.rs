@@ -482,6 +482,20 @@ impl Writer {
                 changeset: None,
             });
         };
+        // Cells that waited for a row life this transaction's inserts began merge now.
+        let waited = apply::local_lives_arrived(
+            &self.conn,
+            &self.catalog.by_name,
+            &self.books,
+            &changeset.changes,
+        )
+        .map_err(Failure::Dirty)?;
+        if waited {
+            self.shared
+                .stats
+                .count_waiting(&self.conn, 0)
+                .map_err(Failure::Dirty)?;
+        }
         self.books.sites.entry(ord).or_default().head = version;
         self.shared
             .stats
@@ -849,11 +863,15 @@ impl Writer {
                 .parked_total
                 .fetch_add(parked as u64, Ordering::Relaxed);
         }
+        let (waited, saw_waiting) = (merger.waited(), merger.saw_waiting());
         merger.finish()?;
         self.shared
             .stats
             .merged_changes_total
             .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        if saw_waiting {
+            self.shared.stats.count_waiting(&self.conn, waited)?;
+        }
         Ok(changed_total)
     }
 
@@ -963,7 +981,9 @@ impl Writer {
         }
         let version: i64 = meta::get(&self.conn, "schema_version")?.unwrap_or(0);
         meta::set(&self.conn, "schema_version", &(version + 1))?;
-        // Changes parked for what now exists are merged by the usual rules.
+        // Changes parked for what now exists are merged by the usual rules (a cell whose row
+        // life has not arrived goes on to wait for it).
+        let mut waited = 0;
         for name in changed {
             for parked in apply::parked_for(&self.conn, name)? {
                 let known = match &parked.change.column {
@@ -974,7 +994,7 @@ impl Writer {
                         .is_some_and(|t| t.tracked_position(column).is_some()),
                 };
                 if known {
-                    apply::merge(
+                    let merged = apply::merge(
                         &self.conn,
                         &catalog.by_name,
                         &self.books,
@@ -983,9 +1003,13 @@ impl Writer {
                     )?;
                     apply::unpark(&self.conn, &parked)?;
                     report.parked_merged += 1;
+                    if merged == apply::Merged::Waiting {
+                        waited += 1;
+                    }
                 }
             }
         }
+        self.shared.stats.count_waiting(&self.conn, waited)?;
         Ok((report, catalog))
     }
 

@@ -54,16 +54,24 @@ async fn a_node_restarted_after_kill_9_receives_pushes_within_a_second_or_two() 
     let cluster = ProcCluster::start(3, ProcOptions::region("ams"));
     // Every pair connected and in use: node 1's writes reach node 2 by push.
     let writer = cluster.client(1).await;
-    writer.transact(vec![insert("warm")]).await.unwrap();
-    wait_for(
-        Duration::from_secs(30),
-        "the first row on node 2",
-        || async {
-            let (pushed, seen) = pushes_received(&cluster, 2).await;
-            if pushed > 0.0 { Ok(()) } else { Err(seen) }
-        },
-    )
-    .await;
+    let mut written = 0;
+    let warm_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        written += 1;
+        writer
+            .transact(vec![insert(&format!("warm-{written}"))])
+            .await
+            .unwrap();
+        let (pushed, seen) = pushes_received(&cluster, 2).await;
+        if pushed > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < warm_deadline,
+            "no push from node 1 reached node 2 before the kill; last seen: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // kill -9 and restart at once: node 1 still holds its connection to the dead process.
     let mut cluster = cluster;
@@ -78,7 +86,6 @@ async fn a_node_restarted_after_kill_9_receives_pushes_within_a_second_or_two() 
 
     // A light load on node 1 (the restarted node joins through node 0, so node 1's old
     // connection is the one that must be replaced or reset).
-    let mut written = 1;
     let mut last = String::new();
     let first_push = loop {
         writer

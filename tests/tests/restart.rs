@@ -76,7 +76,7 @@ async fn a_node_restarted_after_kill_9_receives_pushes_within_a_second_or_two() 
     // kill -9 and restart at once: node 1 still holds its connection to the dead process.
     let mut cluster = cluster;
     cluster.kill(2);
-    let mut cluster = tokio::task::spawn_blocking(move || {
+    let cluster = tokio::task::spawn_blocking(move || {
         cluster.restart(2);
         cluster
     })

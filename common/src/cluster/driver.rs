@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -524,6 +524,13 @@ impl Driver {
             MemberEvent::Up(member) => {
                 self.had_members = true;
                 tracing::info!(addr = %member.addr, incarnation = member.incarnation, "member up");
+                // The incarnation is the member's start time: a cached connection older than
+                // it leads to a process that is gone, and a back-off from dialing that dead
+                // process must not delay reaching the new one.
+                let started = UNIX_EPOCH + Duration::from_millis(member.incarnation);
+                if self.shared.transport.peer_restarted(member.addr, started) {
+                    tracing::debug!(addr = %member.addr, "connection to the previous incarnation retired");
+                }
                 self.shared
                     .metrics
                     .member_events

@@ -20,6 +20,22 @@
 //! 3. The connection is cached and handed to [`Transport::accept`]; a watcher task waits for it
 //!    to close, then drops it from the cache and folds its counters into the totals.
 //!
+//! A peer that restarts on the same address must be reachable again at once, not after the idle
+//! timeout of the connection to its dead process. Three things see to it:
+//!
+//! - A verified incoming connection replaces the cached one. A peer dials only when it holds no
+//!   usable connection to us, so the cached one is either to a process that is gone or one the
+//!   peer has just lost. The old connection is not closed: when two live nodes dial each other
+//!   at once, each may replace its dial with the other's, and both connections must keep
+//!   working (closing would make both sides redial, and again). A live old connection goes on
+//!   serving whatever the peer still sends on it; a dead one ends by the next point.
+//! - The stateless-reset key is derived from the TLS private key (see `reset`), so the restarted
+//!   process answers any packet on its predecessor's connections with a valid stateless reset,
+//!   and the survivor closes that connection on its next packet (a keep-alive at the latest).
+//! - [`Transport::peer_restarted`], called by membership when a peer's new incarnation shows up,
+//!   retires cached connections established before that incarnation began and clears the
+//!   peer's dial back-off, so the next send dials the new process at once.
+//!
 //! Close codes sent to peers: 1 shutdown (or transport dropped), 2 forgotten, 3 dial cancelled.
 //!
 //! Locks: one std mutex guards the cache, the set of live connections and the totals. It is
@@ -34,7 +50,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -201,6 +217,9 @@ struct ConnMeta {
     remote: SocketAddr,
     /// Who dialed.
     direction: Direction,
+    /// When the handshake completed, by this host's wall clock (compared with a peer's start
+    /// time by [`Transport::peer_restarted`]).
+    established: SystemTime,
     /// The endpoint's counters, for the stream methods.
     counters: Arc<Counters>,
 }
@@ -230,9 +249,15 @@ impl Conn {
                 peer,
                 remote,
                 direction,
+                established: SystemTime::now(),
                 counters,
             }),
         }
+    }
+
+    /// When the handshake completed, by this host's wall clock.
+    pub fn established(&self) -> SystemTime {
+        self.meta.established
     }
 
     /// The peer's verified identity.
@@ -356,6 +381,12 @@ pub struct TransportStats {
     pub tls_reloads_total: u64,
     /// Incoming connections refused at the connection limit.
     pub connections_refused_total: u64,
+    /// Cached connections superseded: replaced by a newer incoming connection from the same
+    /// address, or retired by [`Transport::peer_restarted`].
+    pub connections_superseded_total: u64,
+    /// Connections closed by the peer's stateless reset (its process restarted and no longer
+    /// knew them).
+    pub connections_reset_total: u64,
     /// Datagrams sent (quinn's DATAGRAM frames).
     pub datagrams_sent_total: u64,
     /// Datagrams received (quinn's DATAGRAM frames, including any dropped from a full buffer).
@@ -390,6 +421,10 @@ struct Counters {
     tls_reloads: AtomicU64,
     /// Incoming connections refused at the limit.
     refused: AtomicU64,
+    /// Cached connections superseded by a newer one or retired by a peer restart.
+    superseded: AtomicU64,
+    /// Connections closed by a stateless reset.
+    reset: AtomicU64,
     /// Streams opened through [`Conn`].
     streams_opened: AtomicU64,
     /// Streams accepted through [`Conn`].
@@ -559,8 +594,16 @@ impl Transport {
         let transport_config = Arc::new(options.quinn_transport_config()?);
         let (server_config, client_config) = quic_configs(&tls, &transport_config)?;
 
-        let endpoint = quinn::Endpoint::server(server_config, listen)
-            .map_err(|e| TransportError::io(format!("binding UDP {listen}"), e))?;
+        let bind_error = |e| TransportError::io(format!("binding UDP {listen}"), e);
+        let socket = std::net::UdpSocket::bind(listen).map_err(bind_error)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
+        // The reset key comes from the private key, not quinn's random default: see the
+        // module doc.
+        let mut endpoint_config = quinn::EndpointConfig::new(tls.stateless_reset_key());
+        endpoint_config.cid_generator(|| Box::new(super::reset::RandomCids));
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
+            .map_err(bind_error)?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|e| TransportError::io(format!("binding UDP {listen}"), e))?;
@@ -693,6 +736,30 @@ impl Transport {
         }
     }
 
+    /// Tells the endpoint that the peer at `addr` (re)started at `started`, by its own wall
+    /// clock (its membership incarnation). A cached connection established before then
+    /// cannot lead to that process: it is dropped from the cache (not closed, in case the
+    /// clocks disagree and it is alive; a dead one ends by stateless reset or idle timeout),
+    /// and the address's dial back-off is cleared, so the next `connect` dials at once.
+    /// Returns whether a cached connection was retired.
+    pub fn peer_restarted(&self, addr: SocketAddr, started: SystemTime) -> bool {
+        let addr = normalize(addr);
+        let inner = &self.handle.inner;
+        let mut state = inner.state();
+        state.backoff.remove(&addr);
+        let stale = matches!(
+            state.slots.get(&addr),
+            Some(Slot::Ready(conn)) if conn.established() < started
+        );
+        if stale {
+            state.slots.remove(&addr);
+            inner.counters.add(&inner.counters.superseded);
+            drop(state);
+            debug!(%addr, "cached connection predates the peer's restart; retired");
+        }
+        stale
+    }
+
     /// Closes every connection and the endpoint, then waits (at most two seconds) for the
     /// closes to reach the peers and the endpoint's tasks to end. Afterwards `connect` fails
     /// with [`TransportError::Shutdown`] and `accept` returns `None`.
@@ -737,6 +804,8 @@ impl Transport {
             dials_backed_off_total: load(&c.dials_backed_off),
             tls_reloads_total: load(&c.tls_reloads),
             connections_refused_total: load(&c.refused),
+            connections_superseded_total: load(&c.superseded),
+            connections_reset_total: load(&c.reset),
             datagrams_sent_total: totals.datagrams_sent,
             datagrams_received_total: totals.datagrams_received,
             streams_opened_total: load(&c.streams_opened),
@@ -995,8 +1064,10 @@ impl Inner {
         ))
     }
 
-    /// Caches an accepted connection unless a live one (or a dial) is there already; the two
-    /// connections of a pair that dialed each other at once both stay open and served.
+    /// Caches an accepted connection in place of any cached one (see the module doc: the
+    /// peer dialed, so it no longer uses the old one; the old one stays open), unless a dial is
+    /// in progress. The two connections of a pair that dialed each other at once both stay
+    /// open and served.
     fn register_incoming(self: &Arc<Self>, conn: Conn) {
         let mut state = self.state();
         if state.shut {
@@ -1004,13 +1075,17 @@ impl Inner {
             return;
         }
         let addr = conn.remote_addr();
-        let keep_existing = match state.slots.get(&addr) {
-            Some(Slot::Ready(existing)) => !existing.is_closed(),
-            Some(Slot::Dialing { .. }) => true,
-            None => false,
+        let replaced = match state.slots.get(&addr) {
+            Some(Slot::Dialing { .. }) => None,
+            Some(Slot::Ready(existing)) => Some(Some(existing.stable_id())),
+            None => Some(None),
         };
-        if !keep_existing {
+        if let Some(old) = replaced {
             state.slots.insert(addr, Slot::Ready(conn.clone()));
+            if let Some(old) = old {
+                self.counters.add(&self.counters.superseded);
+                debug!(remote = %addr, old, new = conn.stable_id(), "incoming connection replaces the cached one");
+            }
         }
         // The peer reached us, so it is up: dial it again without waiting.
         state.backoff.remove(&addr);
@@ -1035,6 +1110,10 @@ impl Inner {
             _ = self.new_connections.send(conn.clone()) => {}
         }
         let reason = conn.closed().await;
+        if matches!(reason, quinn::ConnectionError::Reset) {
+            self.counters.add(&self.counters.reset);
+            debug!(peer = %conn.peer(), remote = %conn.remote_addr(), "connection reset: the peer restarted");
+        }
         let stats = conn.connection().stats();
         {
             let mut state = self.state();

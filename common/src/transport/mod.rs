@@ -18,7 +18,12 @@
 //!   `[u8 version][u8 kind][payload]` in datagrams) and async helpers over quinn streams.
 //! - `endpoint`: [`Transport`], one UDP socket that both accepts and dials, with a cache of
 //!   live connections by peer address, single-flight dials, a connect timeout, counters
-//!   ([`TransportStats`]) and a bounded shutdown.
+//!   ([`TransportStats`]) and a bounded shutdown. A verified incoming connection replaces
+//!   the cached one (the peer dialed, so it no longer uses the old one, typically because it
+//!   restarted), and [`Transport::peer_restarted`] retires connections older than a peer's
+//!   start.
+//! - `reset`: the stateless-reset key derived from the node's private key, so a restarted
+//!   process resets its predecessor's connections and peers drop them at once.
 //!
 //! How the cluster uses it: datagrams carry SWIM, uni streams carry change broadcasts, bi
 //! streams carry sync. The frame kinds belong to the cluster layer; this module never reads a
@@ -37,6 +42,7 @@ mod endpoint;
 mod error;
 mod frame;
 mod material;
+mod reset;
 mod throttle;
 mod tls;
 mod watch;

@@ -656,15 +656,24 @@ async fn simultaneous_dials_both_work() {
             second
         });
     }
-    // The cache stays stable: repeated connects return what the first returned.
-    assert_eq!(
-        a.connect(b.local_addr()).await.unwrap().stable_id(),
-        ab.stable_id()
-    );
-    assert_eq!(
-        b.connect(a.local_addr()).await.unwrap().stable_id(),
-        ba.stable_id()
-    );
+    // The cache settles on one of the two connections (a dial may have been replaced by the
+    // peer's incoming one, once) and stays there: no ping-pong, nothing closed.
+    for (node, peer, dialed, accepted) in [(&a, &b, &ab, &incoming[0]), (&b, &a, &ba, &incoming[1])]
+    {
+        let first = node.connect(peer.local_addr()).await.unwrap().stable_id();
+        assert!(
+            first == dialed.stable_id() || first == accepted.stable_id(),
+            "the cache holds a third connection"
+        );
+        for _ in 0..10 {
+            assert_eq!(
+                node.connect(peer.local_addr()).await.unwrap().stable_id(),
+                first
+            );
+        }
+    }
+    assert!(!ab.is_closed() && !ba.is_closed());
+    assert!(!incoming[0].is_closed() && !incoming[1].is_closed());
     // What each side sends on its dialed connection arrives on the other's accepted one.
     datagram_gets_through(&ab, &incoming[1], 1, b"a to b").await;
     datagram_gets_through(&ba, &incoming[0], 1, b"b to a").await;
@@ -875,4 +884,264 @@ fn the_watcher_swaps_renewed_files_refuses_bad_ones_and_flags_expiry() {
     let why = refused[0].refused.clone().unwrap();
     assert!(why.contains(&files.cert.display().to_string()), "{why}");
     assert_eq!(applied.lock().unwrap().len(), 1);
+}
+
+/// Binds `tls` on `addr` inside its own runtime, so the test can later kill it the way kill -9
+/// does: the runtime stops with the endpoint's tasks, so no close frame ever leaves.
+fn bind_crashable(tls: TlsConfig, addr: SocketAddr) -> (tokio::runtime::Runtime, Transport) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let transport = {
+        let _entered = runtime.enter();
+        Transport::bind(addr, tls, TransportOptions::default()).unwrap()
+    };
+    (runtime, transport)
+}
+
+/// Kills a transport made by [`bind_crashable`] without a word to its peers, and frees its port.
+fn crash(runtime: tokio::runtime::Runtime, transport: Transport) {
+    // Dropping a runtime blocks until its workers stopped and its tasks are dropped, which an
+    // async test may not do on its own thread.
+    std::thread::spawn(move || drop(runtime)).join().unwrap();
+    drop(transport);
+}
+
+/// Connects from `from` to `addr` until the connection returned is not `dead` and carries a
+/// datagram to the transport `to`; on the dead one it sends a datagram (as SWIM would), which is
+/// what lets the restarted peer answer with a stateless reset. Returns the time it took.
+async fn reach_restarted(from: &Transport, to: &Transport, dead: usize) -> Duration {
+    let addr = to.local_addr();
+    let start = tokio::time::Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no working connection to the restarted peer; connects returned: {seen:?}"
+        );
+        match from.connect(addr).await {
+            Ok(conn) if conn.stable_id() == dead => {
+                let _ = conn.send_datagram(encode_datagram(1, b"anyone there?"));
+                if seen
+                    .last()
+                    .is_none_or(|last: &String| !last.starts_with("old"))
+                {
+                    seen.push(format!("old connection, closed: {}", conn.is_closed()));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(conn) => {
+                let elapsed = start.elapsed();
+                // Find the restarted side's end of this connection and prove it carries data.
+                let theirs = within("the restarted peer accepts", async {
+                    loop {
+                        let c = to.accept().await.unwrap();
+                        if c.peer() == from.identity() {
+                            return c;
+                        }
+                    }
+                })
+                .await;
+                datagram_gets_through(&conn, &theirs, 2, b"back in step").await;
+                return elapsed;
+            }
+            Err(e) => {
+                seen.push(e.to_string());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+/// kill -9 of a peer we dialed, restarted on its address with its key: our next packet on the
+/// old connection draws a stateless reset from the new process (the reset key comes from the
+/// private key), so the next connect dials the new process, far sooner than the idle timeout.
+#[tokio::test]
+async fn a_dialed_peer_restarted_on_its_address_is_reached_again_within_a_second() {
+    let ca = generate_ca("test regional iad").unwrap();
+    let a = bind(node_tls(&ca, "a", Tier::Regional, "iad"));
+    let b_tls = node_tls(&ca, "b", Tier::Regional, "iad");
+    let (runtime, b) = bind_crashable(b_tls.clone(), LOOPBACK);
+    let addr = b.local_addr();
+    let old = within("a dials b", a.connect(addr)).await.unwrap();
+    crash(runtime, b);
+
+    let b2 = Transport::bind(addr, b_tls, TransportOptions::default()).unwrap();
+    let took = reach_restarted(&a, &b2, old.stable_id()).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "took {took:?} (idle timeout: 10 s)"
+    );
+    assert!(
+        old.is_closed(),
+        "the connection to the dead process is still open"
+    );
+    assert!(
+        matches!(old.close_reason(), Some(quinn::ConnectionError::Reset)),
+        "{:?}",
+        old.close_reason()
+    );
+    assert_eq!(a.stats().connections_reset_total, 1, "{:?}", a.stats());
+}
+
+/// kill -9 of a peer that had dialed us: the same holds when the dead process was the client
+/// of the old connection (quinn moves to a connection id that carries a reset token).
+#[tokio::test]
+async fn a_peer_that_dialed_us_restarted_on_its_address_is_reached_again_within_a_second() {
+    let ca = generate_ca("test regional iad").unwrap();
+    let a = bind(node_tls(&ca, "a", Tier::Regional, "iad"));
+    let b_tls = node_tls(&ca, "b", Tier::Regional, "iad");
+    let (runtime, b) = bind_crashable(b_tls.clone(), LOOPBACK);
+    let addr = b.local_addr();
+    within(
+        "b dials a",
+        runtime.spawn({
+            let b = b.clone();
+            let to = a.local_addr();
+            async move { b.connect(to).await.map(|_| ()) }
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let old = within("a accepts b", a.accept()).await.unwrap();
+    assert_eq!(old.direction(), Direction::Incoming);
+    // Let quinn exchange the NEW_CONNECTION_ID frames that carry reset tokens.
+    datagram_gets_through(
+        &old,
+        &within("b's side", b.accept()).await.unwrap(),
+        1,
+        b"hi",
+    )
+    .await;
+    crash(runtime, b);
+
+    let b2 = Transport::bind(addr, b_tls, TransportOptions::default()).unwrap();
+    let took = reach_restarted(&a, &b2, old.stable_id()).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "took {took:?} (idle timeout: 10 s)"
+    );
+    assert!(
+        matches!(old.close_reason(), Some(quinn::ConnectionError::Reset)),
+        "{:?}",
+        old.close_reason()
+    );
+}
+
+/// A restarted peer that dials us replaces the cached connection to its dead process at once,
+/// before any packet on the old one: our next connect returns its new connection.
+#[tokio::test]
+async fn an_incoming_connection_from_a_restarted_peer_replaces_the_cached_one_at_once() {
+    let ca = generate_ca("test regional iad").unwrap();
+    let a = bind(node_tls(&ca, "a", Tier::Regional, "iad"));
+    let b_tls = node_tls(&ca, "b", Tier::Regional, "iad");
+    let (runtime, b) = bind_crashable(b_tls.clone(), LOOPBACK);
+    let addr = b.local_addr();
+    let old = within("a dials b", a.connect(addr)).await.unwrap();
+    crash(runtime, b);
+
+    let b2 = Transport::bind(addr, b_tls, TransportOptions::default()).unwrap();
+    let new = within("the restarted b dials a", b2.connect(a.local_addr()))
+        .await
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let mut seen = Vec::new();
+    let cached = loop {
+        // b2's connect returns once a sent its hello; a caches the connection right after.
+        let cached = a.connect(addr).await.unwrap();
+        if cached.stable_id() != old.stable_id() {
+            break cached;
+        }
+        seen.push(cached.stable_id());
+        assert!(start.elapsed() < DEADLINE, "a kept returning {seen:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(cached.direction(), Direction::Incoming);
+    assert_eq!(
+        a.stats().connections_dialed_total,
+        1,
+        "a must not have dialed again"
+    );
+    // Either the incoming connection replaced the old one, or a retransmission on the old one
+    // drew a reset first; never an idle timeout.
+    let stats = a.stats();
+    assert_eq!(
+        stats.connections_superseded_total + stats.connections_reset_total,
+        1,
+        "{stats:?}"
+    );
+    let theirs = loop {
+        let c = within("b2 yields its dial", b2.accept()).await.unwrap();
+        if c.stable_id() == new.stable_id() {
+            break c;
+        }
+    };
+    datagram_gets_through(&cached, &theirs, 3, b"pushes resume").await;
+}
+
+/// `peer_restarted` retires a cached connection older than the peer's start (and keeps one
+/// that is newer), and clears the address's dial back-off so the next connect dials at once.
+#[tokio::test]
+async fn peer_restarted_retires_older_connections_and_clears_the_back_off() {
+    let (ca, a, b) = cluster_pair();
+    let addr = b.local_addr();
+    let first = within("a dials b", a.connect(addr)).await.unwrap();
+    let b_first = within("b accepts", b.accept()).await.unwrap();
+    assert!(
+        !a.peer_restarted(addr, std::time::UNIX_EPOCH),
+        "started long before: kept"
+    );
+    assert_eq!(
+        a.connect(addr).await.unwrap().stable_id(),
+        first.stable_id()
+    );
+    assert!(a.peer_restarted(addr, std::time::SystemTime::now()));
+    let second = within("a redials b", a.connect(addr)).await.unwrap();
+    assert_ne!(second.stable_id(), first.stable_id());
+    assert!(
+        !first.is_closed(),
+        "retired, not closed: it may still be alive"
+    );
+    assert_eq!(a.stats().connections_superseded_total, 1);
+    // b sees a new connection from a live peer: it caches it in place of the first, which
+    // stays open for whatever a still sends on it.
+    wait_until(
+        "b caches a's new connection",
+        || b.stats().connections_superseded_total,
+        |n| *n == 1,
+    )
+    .await;
+    assert_ne!(
+        b.connect(a.local_addr()).await.unwrap().stable_id(),
+        b_first.stable_id()
+    );
+    assert!(!b_first.is_closed());
+
+    // A peer whose dials fail is backing off; its restart clears that.
+    let stranger = bind(node_tls(
+        &generate_ca("other").unwrap(),
+        "x",
+        Tier::Regional,
+        "iad",
+    ));
+    let to = stranger.local_addr();
+    assert!(within("a dials a stranger", a.connect(to)).await.is_err());
+    let err = a.connect(to).await.unwrap_err();
+    assert!(matches!(err, TransportError::BackingOff { .. }), "{err}");
+    a.peer_restarted(to, std::time::SystemTime::now());
+    let err = within("a dials the stranger again", a.connect(to))
+        .await
+        .unwrap_err();
+    assert!(!matches!(err, TransportError::BackingOff { .. }), "{err}");
+    // b, b again after the retirement, the stranger, the stranger again.
+    assert_eq!(a.stats().dials_attempted_total, 4);
+    drop(ca);
 }

@@ -402,6 +402,12 @@ impl TlsConfig {
         &self.identity
     }
 
+    /// The QUIC stateless-reset key of this node, derived from its private key, so that a
+    /// restarted process can reset its predecessor's connections (see `reset`).
+    pub(crate) fn stateless_reset_key(&self) -> Arc<dyn quinn::crypto::HmacKey> {
+        Arc::new(super::reset::ResetKey::derive(self.key.secret_der()))
+    }
+
     /// The TLS server name of this node's cluster, `<region>.<tier>.strata`.
     pub fn server_name(&self) -> String {
         self.identity.cluster_name()

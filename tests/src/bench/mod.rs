@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod global;
 pub mod hostile;
+pub mod restart;
 pub mod store;
 
 use std::time::Instant;

@@ -2,7 +2,7 @@
 //! `RESULT {json}`.
 
 use clap::{Parser, Subcommand};
-use strata_tests::bench::{cluster, global, hostile, store};
+use strata_tests::bench::{cluster, global, hostile, restart, store};
 
 /// Strata's benchmarks.
 #[derive(Parser, Debug)]
@@ -92,6 +92,17 @@ enum Scenario {
         #[arg(long, default_value_t = 4)]
         queries: usize,
     },
+    /// kill -9 of a node under a light write load and restart on the same address: seconds to
+    /// its first received push, full membership and readiness; then convergence after more
+    /// kills.
+    Restart {
+        /// Nodes (processes).
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        /// Kills after the first, each of another node, before convergence is measured.
+        #[arg(long, default_value_t = 5)]
+        kills: usize,
+    },
     /// Resident memory per node, idle and after 100k rows.
     Rss {
         /// Nodes (processes).
@@ -129,6 +140,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Catchup { rows } => cluster::catchup(rows).await,
             Scenario::Detect { nodes, soak } => cluster::detect(nodes, soak).await,
             Scenario::Rss { nodes, rows } => cluster::rss(nodes, rows).await,
+            Scenario::Restart { nodes, kills } => restart::restart(nodes, kills).await,
             Scenario::Hostile {
                 clients,
                 seconds,

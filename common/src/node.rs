@@ -843,6 +843,16 @@ impl MetricSource for TransportSource {
                 s.tls_reloads_total,
             ),
             counter(
+                "strata_transport_connections_superseded",
+                "Cached connections replaced because their peer connected anew or restarted.",
+                s.connections_superseded_total,
+            ),
+            counter(
+                "strata_transport_connections_reset",
+                "Connections ended by a peer's stateless reset (it restarted and no longer knew them).",
+                s.connections_reset_total,
+            ),
+            counter(
                 "strata_transport_sent_bytes",
                 "Bytes sent over QUIC (UDP payload).",
                 s.bytes_sent_total,

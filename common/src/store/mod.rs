@@ -33,6 +33,7 @@ mod extract;
 mod hlc;
 mod local;
 mod meta;
+mod pin;
 mod readers;
 mod schema;
 mod table;
@@ -291,6 +292,9 @@ pub(crate) struct Stats {
     pub(crate) merged_changes_total: AtomicU64,
     pub(crate) far_future_total: AtomicU64,
     pub(crate) stopped_total: AtomicU64,
+    pub(crate) sliced_versions_total: AtomicU64,
+    pub(crate) slices_total: AtomicU64,
+    pub(crate) sliced_pending: AtomicU64,
 }
 
 /// A snapshot of the store's counters.
@@ -317,6 +321,12 @@ pub struct StoreStats {
     /// Client statements stopped (or never run) for their deadline, their caller going away or
     /// the store closing.
     pub stopped_total: u64,
+    /// Large remote versions merged in slices, with client reads pinned (see `writer`).
+    pub sliced_versions_total: u64,
+    /// Slices committed for them.
+    pub slices_total: u64,
+    /// Large remote versions waiting for or in a sliced merge now.
+    pub sliced_pending: u64,
 }
 
 /// The tables of the current schema, shared by the writer and the readers.
@@ -357,6 +367,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     pub(crate) events: broadcast::Sender<Arc<CommitEvent>>,
     pub(crate) activity: Arc<Activity>,
+    /// The snapshot client reads are pinned to while a large version is merged in slices.
+    pub(crate) pin: Arc<pin::PinSlot>,
 }
 
 /// A replicated SQLite store. Cheap to clone; the writer stops when the last clone is dropped.
@@ -503,6 +515,7 @@ impl Store {
             events,
             options: options.clone(),
             activity: Arc::new(Activity::default()),
+            pin: Arc::new(pin::PinSlot::default()),
         });
         let (requests, queue) = flume::bounded(options.queue_len.max(1));
         let writer = Writer {
@@ -517,6 +530,7 @@ impl Store {
             hlc_saved: Timestamp::from_sql(last),
             guard,
             path: path.clone(),
+            slicer: writer::Slicer::default(),
         };
         let handle = std::thread::Builder::new()
             .name("strata-store-writer".into())
@@ -534,6 +548,7 @@ impl Store {
                     options.readers,
                     options.reader_cache_kib,
                     Arc::clone(&closing),
+                    Arc::clone(&shared.pin),
                 ),
                 closing,
                 shared,
@@ -989,6 +1004,9 @@ impl Store {
             merged_changes_total: get(&s.merged_changes_total),
             far_future_total: get(&s.far_future_total),
             stopped_total: get(&s.stopped_total),
+            sliced_versions_total: get(&s.sliced_versions_total),
+            slices_total: get(&s.slices_total),
+            sliced_pending: get(&s.sliced_pending),
         }
     }
 }

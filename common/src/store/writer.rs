@@ -42,10 +42,11 @@
 //!   commit (a stall, as before this scheme, but a stuck merge cannot keep readers behind).
 //! - The log cannot be checkpointed past the pin; it grows by what is written meanwhile.
 //! - The version is marked held only in its last slice. A crash between slices leaves slices
-//!   merged but the version not held: a buffered version is merged again from the buffer when
-//!   the store opens, an in-memory one is fetched again from peers, and merging again is
-//!   idempotent (a cell or row event already merged carries the same stamp, so it changes
-//!   nothing). Until then, after such a crash, readers see the slices merged before it.
+//!   merged but the version not held: a buffered version (each slice deletes the buffered
+//!   changes it merged, in its commit) resumes from the buffer when the store opens; one that
+//!   arrived whole is fetched again from peers and merged again, which is idempotent (a cell or
+//!   row event already merged carries the same stamp, so it changes nothing). Until then, after
+//!   such a crash, readers see the slices merged before it.
 //! - Sync serving and extraction are never pinned: they follow the bookkeeping, which does not
 //!   claim the version before its last slice.
 
@@ -177,8 +178,11 @@ struct Sliced {
     site: super::change::SiteId,
     origin: Origin,
     source: Source,
-    /// Whether any slice changed a row.
+    /// Rows its slices changed so far.
     changed: usize,
+    /// When its first slice began, and how many slices it took.
+    started: Option<Instant>,
+    slices: u32,
 }
 
 /// Where the changes of a sliced version come from.
@@ -892,6 +896,8 @@ impl Writer {
                         next: 0,
                     },
                     changed: 0,
+                    started: None,
+                    slices: 0,
                 });
                 return Ok(Outcome::Sliced);
             }
@@ -949,6 +955,8 @@ impl Writer {
                 origin,
                 source: Source::Buffered { next_seq: 0 },
                 changed: 0,
+                started: None,
+                slices: 0,
             });
             return Ok(Outcome::Sliced);
         }
@@ -1024,6 +1032,8 @@ impl Writer {
                         },
                         source: Source::Buffered { next_seq: 0 },
                         changed: 0,
+                        started: None,
+                        slices: 0,
                     });
                 }
             }
@@ -1038,6 +1048,8 @@ impl Writer {
             return;
         };
         let mut whole = whole;
+        let started = *job.started.get_or_insert_with(Instant::now);
+        job.slices += 1;
         if self.slicer.pin.is_none() {
             match self.take_pin() {
                 Ok(pin) => self.slicer.pin = Some(pin),
@@ -1080,6 +1092,14 @@ impl Writer {
                 stats.slices_total.fetch_add(1, Ordering::Relaxed);
                 stats.sliced_versions_total.fetch_add(1, Ordering::Relaxed);
                 stats.applied_versions_total.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    site = %job.site,
+                    version = job.origin.version,
+                    slices = job.slices,
+                    rows_changed = job.changed,
+                    ms = started.elapsed().as_millis() as u64,
+                    "merged a large remote version in slices"
+                );
                 self.unpin();
             }
             Err(err) => {
@@ -1150,10 +1170,24 @@ impl Writer {
                         slice.truncate(cut);
                     }
                 }
+                let from = *next_seq;
                 if let Some(last) = slice.last() {
                     *next_seq = last.seq.saturating_add(1);
                 }
                 job.changed += self.merge_all(origin, &slice, &mut batch.event)?;
+                // Forgotten in the commit that merged them: the last slice need not delete the
+                // whole buffer (hundreds of milliseconds), and a resumed merge starts after them.
+                self.conn
+                    .prepare_cached(
+                        "DELETE FROM __strata_buffered
+                         WHERE ord = ?1 AND version = ?2 AND seq >= ?3 AND seq < ?4",
+                    )?
+                    .execute(rusqlite::params![
+                        origin.ord,
+                        super::book::to_sql(origin.version),
+                        from,
+                        *next_seq
+                    ])?;
                 done
             }
         };

@@ -452,6 +452,22 @@ impl Writer {
             tracing::info!("a commit succeeded again: the disk has space");
             self.shared.activity.set_disk_full(None);
         }
+        let stats = &self.shared.stats;
+        if batch.slice {
+            stats.slices_total.fetch_add(1, Ordering::Relaxed);
+        }
+        if batch.unpin {
+            // Counted before the bookkeeping says the version is held.
+            stats.sliced_versions_total.fetch_add(1, Ordering::Relaxed);
+            stats.applied_versions_total.fetch_add(1, Ordering::Relaxed);
+        }
+        if batch.unpin
+            && let Some(pin) = self.slicer.pin.take()
+        {
+            // Before the bookkeeping says the version is held, so no caller who sees it held
+            // reads the state from before it.
+            self.slicer.holder = Some(pin.release(&self.shared.pin));
+        }
         self.publish();
         let mut event = batch.event;
         self.slicer.jobs.extend(batch.sliced);
@@ -459,6 +475,8 @@ impl Writer {
         if self.slicer.pin.is_some() {
             // Client queries cannot see these rows before the pin ends: announced then.
             self.slicer.deferred.append(&mut event.changed);
+        } else {
+            event.changed.append(&mut self.slicer.deferred);
         }
         event.changed.sort();
         event.changed.dedup();
@@ -1082,18 +1100,8 @@ impl Writer {
                 .map_err(Failure::Dirty)
         });
         match result {
-            Ok(false) => {
-                self.shared
-                    .stats
-                    .slices_total
-                    .fetch_add(1, Ordering::Relaxed);
-                self.slicer.jobs.push_front(job);
-            }
+            Ok(false) => self.slicer.jobs.push_front(job),
             Ok(true) => {
-                let stats = &self.shared.stats;
-                stats.slices_total.fetch_add(1, Ordering::Relaxed);
-                stats.sliced_versions_total.fetch_add(1, Ordering::Relaxed);
-                stats.applied_versions_total.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     site = %job.site,
                     version = job.origin.version,
@@ -1138,6 +1146,7 @@ impl Writer {
     fn merge_slice(&mut self, job: &mut Sliced, whole: bool, batch: &mut Batch) -> Result<bool> {
         let limit = if whole { usize::MAX } else { SLICE_CHANGES };
         let origin = job.origin;
+        batch.slice = true;
         let done = match &mut job.source {
             Source::Memory { changes, next } => {
                 let start = *next;
@@ -1204,6 +1213,7 @@ impl Writer {
         book.mark(&self.conn, ord, version)?;
         batch.touched.insert(ord);
         batch.event.applied.push((job.site, version));
+        batch.unpin = true;
         Ok(true)
     }
 
@@ -1401,6 +1411,10 @@ struct Batch {
     event: CommitEvent,
     /// Large versions this transaction recorded for a sliced merge, adopted after its commit.
     sliced: Vec<Sliced>,
+    /// This transaction ends a sliced merge: client reads are unpinned right after its commit.
+    unpin: bool,
+    /// This transaction is a slice of a sliced merge.
+    slice: bool,
 }
 
 /// The result of a request of a group, replied after the commit.

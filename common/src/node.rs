@@ -788,6 +788,22 @@ impl MetricSource for StoreSource {
                 kind: SampleKind::Gauge,
                 value: s.waiting_now as f64,
             },
+            counter(
+                "strata_store_sliced_versions",
+                "Large remote versions merged in slices with client reads pinned.",
+                s.sliced_versions_total,
+            ),
+            counter(
+                "strata_store_slices",
+                "Slices committed for large remote versions.",
+                s.slices_total,
+            ),
+            Sample {
+                name: "strata_store_sliced_pending",
+                help: "Large remote versions waiting for or in a sliced merge.",
+                kind: SampleKind::Gauge,
+                value: s.sliced_pending as f64,
+            },
             Sample {
                 name: "strata_store_head",
                 help: "This node's latest version.",

@@ -34,6 +34,7 @@ mod extract;
 mod hlc;
 mod local;
 mod meta;
+mod pin;
 mod readers;
 mod schema;
 mod table;
@@ -297,6 +298,12 @@ pub(crate) struct Stats {
     pub(crate) waiting_total: AtomicU64,
     /// Cells waiting for their row life now, as of the writer's last change to them.
     pub(crate) waiting_now: AtomicU64,
+    /// Large remote versions merged in slices.
+    pub(crate) sliced_versions_total: AtomicU64,
+    /// Slices committed for them.
+    pub(crate) slices_total: AtomicU64,
+    /// Large remote versions waiting for or in a sliced merge.
+    pub(crate) sliced_pending: AtomicU64,
 }
 
 impl Stats {
@@ -340,6 +347,12 @@ pub struct StoreStats {
     pub waiting_total: u64,
     /// Cells waiting for the row event of their row life now.
     pub waiting_now: u64,
+    /// Large remote versions merged in slices, with client reads pinned (see `writer`).
+    pub sliced_versions_total: u64,
+    /// Slices committed for them.
+    pub slices_total: u64,
+    /// Large remote versions waiting for or in a sliced merge now.
+    pub sliced_pending: u64,
 }
 
 /// The tables of the current schema, shared by the writer and the readers.
@@ -380,6 +393,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     pub(crate) events: broadcast::Sender<Arc<CommitEvent>>,
     pub(crate) activity: Arc<Activity>,
+    /// The snapshot client reads are pinned to while a large version is merged in slices.
+    pub(crate) pin: Arc<pin::PinSlot>,
 }
 
 /// A replicated SQLite store. Cheap to clone; the writer stops when the last clone is dropped.
@@ -530,6 +545,7 @@ impl Store {
             events,
             options: options.clone(),
             activity: Arc::new(Activity::default()),
+            pin: Arc::new(pin::PinSlot::default()),
         });
         let (requests, queue) = flume::bounded(options.queue_len.max(1));
         let writer = Writer {
@@ -544,6 +560,7 @@ impl Store {
             hlc_saved: Timestamp::from_sql(last),
             guard,
             path: path.clone(),
+            slicer: writer::Slicer::default(),
         };
         let handle = std::thread::Builder::new()
             .name("strata-store-writer".into())
@@ -561,6 +578,7 @@ impl Store {
                     options.readers,
                     options.reader_cache_kib,
                     Arc::clone(&closing),
+                    Arc::clone(&shared.pin),
                 ),
                 closing,
                 shared,
@@ -1018,6 +1036,9 @@ impl Store {
             stopped_total: get(&s.stopped_total),
             waiting_total: get(&s.waiting_total),
             waiting_now: get(&s.waiting_now),
+            sliced_versions_total: get(&s.sliced_versions_total),
+            slices_total: get(&s.slices_total),
+            sliced_pending: get(&s.sliced_pending),
         }
     }
 }

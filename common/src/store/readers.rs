@@ -10,6 +10,11 @@
 //! query's deadline (see `deadline`) apply, and both are switched off again before the connection
 //! goes back to the pool. The rules refuse anything that could leave state behind (pragmas that
 //! set something, ATTACH, temporary objects), so the next caller finds the connection as opened.
+//!
+//! While the writer merges a large remote version in slices, client queries read the state
+//! pinned before its first slice (see `pin`): they never see part of a remote version. The
+//! store's own reads (serving sync, extraction, `Health`) are never pinned: they must see what
+//! the bookkeeping claims, and the bookkeeping marks the version only with its last slice.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +26,7 @@ use rusqlite::{Connection, OpenFlags};
 use super::authorize::{self, Kind};
 use super::deadline::{Deadline, Guard};
 use super::error::{Result, StoreError};
+use super::pin::{self, PinSlot};
 
 /// Readers that client queries can never take: however many slow client queries run, serving
 /// sync to peers, `Health` and the store's other reads always find a connection.
@@ -37,6 +43,8 @@ pub(crate) struct Readers {
     cache_kib: i64,
     /// Set when the store closes: client queries stop.
     closing: Arc<AtomicBool>,
+    /// The snapshot client queries read while a sliced merge runs.
+    pin: Arc<PinSlot>,
 }
 
 /// A pooled connection with its client-mode switch, refusal reason and interrupt guard.
@@ -99,6 +107,7 @@ impl Readers {
         max: usize,
         cache_kib: i64,
         closing: Arc<AtomicBool>,
+        pin: Arc<PinSlot>,
     ) -> Readers {
         Readers {
             path: path.to_owned(),
@@ -111,6 +120,7 @@ impl Readers {
             freed: Condvar::new(),
             cache_kib,
             closing,
+            pin,
         }
     }
 
@@ -133,6 +143,10 @@ impl Readers {
             return Err(StoreError::Closed);
         }
         let reader = self.take(User::Client(deadline))?;
+        if let Err(err) = self.pin_to_snapshot(&reader) {
+            self.give_back(reader, User::Client(deadline));
+            return Err(err);
+        }
         reader.client_mode.store(true, Ordering::Relaxed);
         reader.guard.arm(deadline);
         let result = f(&reader);
@@ -140,6 +154,27 @@ impl Readers {
         reader.client_mode.store(false, Ordering::Relaxed);
         self.give_back(reader, User::Client(deadline));
         result
+    }
+
+    /// Opens a read transaction at the pinned snapshot, if a sliced merge runs; the transaction
+    /// ends when the connection goes back to the pool. A pin released between reading the slot
+    /// and opening its snapshot is no reason to fail: the newest state is whole again.
+    fn pin_to_snapshot(&self, reader: &Reader) -> Result<()> {
+        let mut tried: Option<Arc<pin::Snapshot>> = None;
+        loop {
+            let Some(snapshot) = self.pin.current() else {
+                return Ok(());
+            };
+            if tried.as_ref().is_some_and(|t| Arc::ptr_eq(t, &snapshot)) {
+                return Err(StoreError::Overloaded(
+                    "a pinned read could not open its snapshot; retry",
+                ));
+            }
+            match pin::open_at(&reader.conn, &snapshot) {
+                Ok(()) => return Ok(()),
+                Err(_) => tried = Some(snapshot),
+            }
+        }
     }
 
     fn take(&self, user: User<'_>) -> Result<Reader> {

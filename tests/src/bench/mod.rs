@@ -1,6 +1,7 @@
 //! Benchmark scenarios of `strata-bench`. Each prints readable progress and ends with one line
 //! `RESULT {json}` holding its figures, measured against a baseline in the same run.
 
+pub mod bigtx;
 pub mod cluster;
 pub mod global;
 pub mod hostile;

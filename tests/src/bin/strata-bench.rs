@@ -2,7 +2,7 @@
 //! `RESULT {json}`.
 
 use clap::{Parser, Subcommand};
-use strata_tests::bench::{cluster, global, hostile, restart, store};
+use strata_tests::bench::{bigtx, cluster, global, hostile, restart, store};
 
 /// Strata's benchmarks.
 #[derive(Parser, Debug)]
@@ -103,6 +103,9 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         kills: usize,
     },
+    /// p99 of 1-row writes on a store while it applies a 50,000-row remote transaction,
+    /// against the same load without it (an in-process store pair).
+    Bigtx,
     /// Resident memory per node, idle and after 100k rows.
     Rss {
         /// Nodes (processes).
@@ -123,13 +126,16 @@ fn main() -> anyhow::Result<()> {
     if let Scenario::Store = cli.scenario {
         return store::run(&dir);
     }
+    if let Scenario::Bigtx = cli.scenario {
+        return bigtx::run(&dir);
+    }
     cluster::build_daemons()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         match cli.scenario {
-            Scenario::Store => unreachable!("handled above"),
+            Scenario::Store | Scenario::Bigtx => unreachable!("handled above"),
             Scenario::Propagation { nodes, writes } => cluster::propagation(nodes, writes).await,
             Scenario::Redundancy { nodes, changes } => cluster::redundancy(nodes, changes).await,
             Scenario::Throughput {

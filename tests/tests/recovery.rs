@@ -1,5 +1,9 @@
-//! Ready means in step: a restarted node finds the members it knew, catches up with what they
-//! held, and only then says it is ready; a node told to refuse writes until then says why.
+//! Recovery after a restart. A `regiond` killed with SIGKILL and restarted on the same address
+//! hears its peers' pushes again at once: the survivors drop their connections to the dead
+//! process (the new process dials them, or answers their next packet with a stateless reset)
+//! instead of sending into them until the idle timeout. Ready means in step: a restarted node
+//! finds the members it knew, catches up with what they held, and only then says it is ready; a
+//! node told to refuse writes until then says why.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -7,9 +11,15 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use strata_common::client::ClientError;
+use strata_common::client::{Client, ClientError};
 use strata_common::store::{Statement, Value};
 use strata_tests::cluster::{TestCluster, wait_for};
+use strata_tests::procs::{ProcCluster, ProcOptions, admin_get, metric_value};
+
+/// Pushes the restarted node must receive within this long after it logged its start. The
+/// bug this guards against took 3-8 s (the 10 s idle timeout of the dead connection); 2 s
+/// leaves room for a debug build on a busy machine.
+const FIRST_PUSH_MAX: Duration = Duration::from_secs(2);
 
 fn insert(id: &str) -> Statement {
     Statement::with_params(
@@ -18,10 +28,8 @@ fn insert(id: &str) -> Statement {
     )
 }
 
-async fn count(cluster: &TestCluster, index: usize) -> i64 {
-    let rows = cluster
-        .client(index)
-        .await
+async fn count(client: &Client) -> i64 {
+    let rows = client
         .query("SELECT count(*) FROM machines", vec![])
         .await
         .unwrap();
@@ -83,7 +91,7 @@ async fn a_restarted_node_is_ready_only_once_it_holds_what_its_peers_held() {
     )
     .await;
     // Rows only ever grow, so whatever it holds now it held at least when it became ready.
-    let held = count(&cluster, 2).await;
+    let held = count(&cluster.client(2).await).await;
     assert_eq!(
         held,
         500,
@@ -125,7 +133,7 @@ async fn a_node_set_to_refuse_writes_until_in_step_refuses_them_naming_what_it_w
         "{health:?}"
     );
     assert_eq!(
-        count(&cluster, 1).await,
+        count(&cluster.client(1).await).await,
         0,
         "a refused write changed nothing"
     );
@@ -140,4 +148,91 @@ async fn a_node_set_to_refuse_writes_until_in_step_refuses_them_naming_what_it_w
     })
     .await;
     cluster.shutdown().await;
+}
+
+async fn pushes_received(cluster: &ProcCluster, index: usize) -> (f64, String) {
+    let (_, page) = admin_get(cluster.nodes[index].admin, "/metrics")
+        .await
+        .unwrap_or_default();
+    let pushed =
+        metric_value(&page, "strata_changesets_received_total{via=\"broadcast\"}").unwrap_or(0.0);
+    let members = metric_value(&page, "strata_members").unwrap_or(-1.0);
+    (
+        pushed,
+        format!("pushes received {pushed}, members {members}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_after_kill_9_receives_pushes_within_a_second_or_two() {
+    let cluster = ProcCluster::start(3, ProcOptions::region("ams"));
+    // Every pair connected and in use: node 1's writes reach node 2 by push.
+    let writer = cluster.client(1).await;
+    let mut written = 0;
+    let warm_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        written += 1;
+        writer
+            .transact(vec![insert(&format!("warm-{written}"))])
+            .await
+            .unwrap();
+        let (pushed, seen) = pushes_received(&cluster, 2).await;
+        if pushed > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < warm_deadline,
+            "no push from node 1 reached node 2 before the kill; last seen: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // kill -9 and restart at once: node 1 still holds its connection to the dead process.
+    let mut cluster = cluster;
+    cluster.kill(2);
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart(2);
+        cluster
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+
+    // A light load on node 1 (the restarted node joins through node 0, so node 1's old
+    // connection is the one that must be replaced or reset).
+    let mut last = String::new();
+    let first_push = loop {
+        writer
+            .transact(vec![insert(&format!("after-{written}"))])
+            .await
+            .unwrap();
+        written += 1;
+        let (pushed, seen) = pushes_received(&cluster, 2).await;
+        if pushed > 0.0 {
+            break started.elapsed();
+        }
+        last = seen;
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no push reached the restarted node in 15 s; last seen: {last}\n{}",
+            cluster.log_tail(2, 30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        first_push < FIRST_PUSH_MAX,
+        "first push after {first_push:?} (want under {FIRST_PUSH_MAX:?}); before it: {last}\n{}",
+        cluster.log_tail(2, 30)
+    );
+
+    // And everything written arrives.
+    wait_for(Duration::from_secs(30), "every row on node 2", || async {
+        let held = count(&cluster.client(2).await).await;
+        if held == written {
+            Ok(())
+        } else {
+            Err(format!("node 2 holds {held} of {written}"))
+        }
+    })
+    .await;
 }

@@ -342,7 +342,12 @@ impl Node {
             })?;
         crate::telemetry::spawn(
             &tracker,
-            crate::cluster::known::follow(members_file, cluster.watch(), cancel.clone()),
+            crate::cluster::known::follow(
+                members_file,
+                known.clone(),
+                cluster.watch(),
+                cancel.clone(),
+            ),
         );
         let ready_rx = cluster.watch_readiness();
         crate::telemetry::spawn(

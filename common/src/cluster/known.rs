@@ -66,13 +66,15 @@ pub fn save(path: &Path, members: &BTreeSet<SocketAddr>) -> std::io::Result<()> 
     std::fs::rename(&tmp, path)
 }
 
-/// Keeps the file in step with the live members until `cancel`.
+/// Keeps the file in step with the live members until `cancel`; `saved` is what the file holds
+/// now (what [`load`] read at start).
 pub async fn follow(
     path: PathBuf,
+    saved: Vec<SocketAddr>,
     mut view: watch::Receiver<ClusterView>,
     cancel: CancellationToken,
 ) {
-    let mut saved: BTreeSet<SocketAddr> = load(&path).into_iter().collect();
+    let mut saved: BTreeSet<SocketAddr> = saved.into_iter().collect();
     let mut failing = false;
     loop {
         let live: BTreeSet<SocketAddr> = view

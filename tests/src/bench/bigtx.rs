@@ -17,6 +17,7 @@ use serde_json::json;
 use strata_common::store::{Changeset, Schema, Statement, Store, StoreOptions, Value};
 
 use super::cluster::{percentile, round2};
+use super::store::TABLE;
 use super::{progress, result};
 
 /// Rows of the large transaction (the issue's figure).
@@ -31,15 +32,6 @@ const APPLY_WAIT_MAX: Duration = Duration::from_secs(120);
 const WRITE_INTERVAL: Duration = Duration::from_millis(5);
 /// Keys the 1-row writer cycles through.
 const LOCAL_KEYS: usize = 1_000;
-
-const TABLE: &str = "CREATE TABLE machines (
-    id TEXT NOT NULL PRIMARY KEY,
-    app TEXT,
-    state TEXT,
-    host TEXT,
-    port INTEGER,
-    version INTEGER
-) STRICT;";
 
 const UPSERT: &str = "INSERT INTO machines (id, app, state, host, port, version)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6)

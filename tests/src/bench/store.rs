@@ -25,7 +25,8 @@ const ADD_COLUMN_ROWS: usize = 1_000_000;
 /// too, is bound by its round trip to the writer thread).
 const SINGLE_ROW_CALLERS: usize = 16;
 
-const TABLE: &str = "CREATE TABLE machines (
+/// The Machine table every store scenario writes (also `bigtx`).
+pub(super) const TABLE: &str = "CREATE TABLE machines (
     id TEXT NOT NULL PRIMARY KEY,
     app TEXT,
     state TEXT,

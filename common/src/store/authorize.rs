@@ -3,7 +3,7 @@
 //! Each connection has a mode flag: the store's own SQL runs unchecked (internal mode), a client's
 //! SQL under the rules of its connection kind (client mode). The authorizer only runs while a
 //! statement is prepared, so a client's SQL is never taken from a statement cache that the
-//! store's own SQL also uses (see `writer` and `Store::query_each`).
+//! store's own SQL also uses (see `writer::transact` and `Store::query_each`).
 //!
 //! - Writer: plain reads and writes of replicated tables; no DDL, no pragmas, no transaction
 //!   control or savepoints, no ATTACH, no writes to the store's own tables in any spelling.

@@ -12,11 +12,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::RangeInclusive;
 
 use rangemap::RangeInclusiveSet;
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::change::SiteId;
 use super::error::{Result, StoreError};
 use super::hlc::Timestamp;
+use super::invariant::invariant;
 
 /// A site's local ordinal (its row in `__strata_sites`), never on the wire.
 pub(crate) type Ord = i64;
@@ -49,6 +50,33 @@ impl Partial {
     /// Whether the chunks cover the whole version.
     pub(crate) fn is_complete(&self) -> bool {
         self.have.gaps(&(0..=self.last_seq)).next().is_none()
+    }
+
+    /// Records that a chunk covering `seqs` of a version whose last seq it claims is
+    /// `chunk_last_seq` arrived (validated before: a chunk never covers seqs past its version).
+    pub(crate) fn cover(&mut self, seqs: std::ops::RangeInclusive<u32>, chunk_last_seq: u32) {
+        invariant!(
+            seqs.start() <= seqs.end() && *seqs.end() <= chunk_last_seq,
+            "a chunk recorded seqs {seqs:?} of a version whose last seq is {chunk_last_seq}"
+        );
+        self.have.insert(seqs);
+    }
+
+    /// Checks (debug builds) that the changes read back from the buffer of a completed version
+    /// are no more than the seqs its chunks covered, each one of them.
+    pub(crate) fn check_buffered(&self, changes: &[super::change::Change]) {
+        let covered: u64 = self
+            .have
+            .iter()
+            .map(|r| u64::from(*r.end()) - u64::from(*r.start()) + 1)
+            .sum();
+        invariant!(
+            changes.len() as u64 <= covered && changes.iter().all(|c| self.have.contains(&c.seq)),
+            "the buffer of a version holds {} changes, seqs {:?}, but its chunks covered {:?}",
+            changes.len(),
+            changes.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            self.have
+        );
     }
 
     fn encode_have(&self) -> Vec<u8> {
@@ -107,13 +135,28 @@ impl SiteBook {
             }
             self.gaps.remove(v..=v);
         } else {
-            debug_assert!(false, "marking version {v} that is already held");
+            invariant!(
+                false,
+                "version {v} of site ordinal {ord} marked held twice (head {})",
+                self.head
+            );
         }
         Ok(())
     }
 
+    /// Moves the head to `v`, which must be past it (a local commit takes the next version).
+    pub(crate) fn advance_head(&mut self, v: u64) {
+        invariant!(
+            v > self.head,
+            "the head would move backwards from {} to {v}",
+            self.head
+        );
+        self.head = v;
+    }
+
     /// Persists the head (once per batch, not per version).
     pub(crate) fn save_head(&self, conn: &Connection, ord: Ord) -> Result<()> {
+        check_head_forward(conn, ord, self.head)?;
         conn.prepare_cached("UPDATE __strata_sites SET head = ?2 WHERE ord = ?1")?
             .execute(params![ord, to_sql(self.head)])?;
         Ok(())
@@ -289,6 +332,23 @@ impl SiteState {
     }
 }
 
+/// Asserts (debug builds; one extra query) that the head about to be saved for site `ord` is not
+/// below the one saved before: a site's head never moves backwards.
+pub(crate) fn check_head_forward(conn: &Connection, ord: Ord, head: u64) -> Result<()> {
+    if cfg!(debug_assertions) {
+        let saved: Option<i64> = conn
+            .prepare_cached("SELECT head FROM __strata_sites WHERE ord = ?1")?
+            .query_row([ord], |row| row.get(0))
+            .optional()?;
+        let saved = saved.map_or(0, from_sql);
+        invariant!(
+            head >= saved,
+            "the head of site ordinal {ord} would move backwards from {saved} to {head}"
+        );
+    }
+    Ok(())
+}
+
 /// Versions are u64 but SQLite integers are i64; versions never come near 2^63.
 pub(crate) fn to_sql(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -332,6 +392,87 @@ mod tests {
         assert!(book.gaps.is_empty());
         let reloaded = Books::load(&conn).unwrap();
         assert!(reloaded.sites[&ord].gaps.is_empty());
+    }
+
+    fn one_site() -> (Connection, Books, Ord) {
+        let conn = db();
+        let mut books = Books::default();
+        let ord = books.ord_of(&conn, SiteId([1; 16])).unwrap();
+        (conn, books, ord)
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "version 3 of site ordinal 1 marked held twice")]
+    fn marking_a_version_held_twice_breaks_an_invariant() {
+        let (conn, mut books, ord) = one_site();
+        let book = books.sites.get_mut(&ord).unwrap();
+        book.mark(&conn, ord, 3).unwrap();
+        book.mark(&conn, ord, 3).unwrap();
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "the head would move backwards from 5 to 5")]
+    fn a_local_head_that_does_not_advance_breaks_an_invariant() {
+        let (_conn, mut books, ord) = one_site();
+        let book = books.sites.get_mut(&ord).unwrap();
+        book.advance_head(5);
+        book.advance_head(5);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "would move backwards from 9 to 4")]
+    fn saving_a_head_below_the_saved_one_breaks_an_invariant() {
+        let (conn, mut books, ord) = one_site();
+        let book = books.sites.get_mut(&ord).unwrap();
+        book.mark(&conn, ord, 9).unwrap();
+        book.save_head(&conn, ord).unwrap();
+        book.head = 4;
+        book.save_head(&conn, ord).unwrap();
+    }
+
+    fn partial(last_seq: u32) -> Partial {
+        Partial {
+            ts: Timestamp(1),
+            last_seq,
+            have: RangeInclusiveSet::new(),
+            since_ms: 0,
+        }
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "a chunk recorded seqs 4..=12 of a version whose last seq is 9")]
+    fn a_chunk_covering_seqs_past_its_version_breaks_an_invariant() {
+        partial(9).cover(4..=12, 9);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "the buffer of a version holds 2 changes")]
+    fn a_buffer_holding_seqs_no_chunk_covered_breaks_an_invariant() {
+        let mut partial = partial(3);
+        partial.cover(0..=3, 3);
+        let change = |seq| super::super::change::Change {
+            table: "t".into(),
+            pk: vec![],
+            column: None,
+            value: super::super::value::Value::Null,
+            cl: 1,
+            seq,
+        };
+        partial.check_buffered(&[change(1), change(7)]);
+    }
+
+    #[test]
+    fn chunks_within_their_version_and_their_buffer_pass_the_invariants() {
+        let mut partial = partial(5);
+        partial.cover(0..=2, 5);
+        partial.cover(3..=5, 7);
+        assert!(partial.is_complete());
+        partial.check_buffered(&[]);
     }
 
     #[test]

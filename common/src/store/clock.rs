@@ -13,6 +13,9 @@ use super::error::Result;
 use super::hlc::Timestamp;
 use super::table::Table;
 
+#[cfg(debug_assertions)]
+use super::invariant::invariant;
+
 /// The `cid` of a row-life entry.
 pub(crate) const ROW_CID: i64 = -1;
 
@@ -117,6 +120,8 @@ fn entry_set(
     cl: u64,
     s: Stamp,
 ) -> Result<()> {
+    #[cfg(debug_assertions)]
+    check_forward(conn, table, pk, cid, cl, s)?;
     conn.prepare_cached(&table.sql.entry_upsert)?
         .execute(params![
             pk,
@@ -130,8 +135,137 @@ fn entry_set(
     Ok(())
 }
 
+/// Asserts that a metadata write never moves an entry back (debug builds; two extra queries):
+/// the causal length of an entry never decreases, and within one life an entry is replaced only
+/// by a strictly later (timestamp, site id, seq). A merge that finds an equal stamp writes nothing.
+#[cfg(debug_assertions)]
+fn check_forward(
+    conn: &Connection,
+    table: &Table,
+    pk: &[u8],
+    cid: i64,
+    cl: u64,
+    s: Stamp,
+) -> Result<()> {
+    let old = conn
+        .prepare_cached(&format!(
+            "SELECT cl, ts, site, seq FROM __strata_clock_{} WHERE pk = ?1 AND cid = ?2",
+            table.tid
+        ))?
+        .query_row(params![pk, cid], |row| {
+            Ok((
+                from_sql(row.get(0)?),
+                Timestamp::from_sql(row.get(1)?),
+                row.get::<_, Ord>(2)?,
+                row.get::<_, u32>(3)?,
+            ))
+        })
+        .optional()?;
+    let Some((old_cl, old_ts, old_site, old_seq)) = old else {
+        return Ok(());
+    };
+    let what = if cid == ROW_CID { "row" } else { "cell" };
+    let key = super::value::display_pk(pk);
+    invariant!(
+        cl >= old_cl,
+        "the causal length of the {what} entry {key} (cid {cid}) of \"{}\" would go back from \
+         {old_cl} to {cl}",
+        table.name()
+    );
+    // An implied row life (negative site) loses to every real stamp.
+    if cl == old_cl && old_site >= 0 {
+        let site_id = |ord: Ord| -> Result<Option<Vec<u8>>> {
+            Ok(conn
+                .prepare_cached("SELECT site_id FROM __strata_sites WHERE ord = ?1")?
+                .query_row([ord], |row| row.get(0))
+                .optional()?)
+        };
+        let new = (s.ts, site_id(s.site)?, s.seq);
+        let old = (old_ts, site_id(old_site)?, old_seq);
+        invariant!(
+            new > old,
+            "the clock of the {what} entry {key} (cid {cid}, life {cl}) of \"{}\" would go from \
+             {old:?} to {new:?}; a write within one life must be strictly later",
+            table.name()
+        );
+    }
+    Ok(())
+}
+
 /// Forgets every cell clock of a row (it entered a new life).
 pub(crate) fn cells_clear(conn: &Connection, table: &Table, pk: &[u8]) -> Result<()> {
     conn.prepare_cached(&table.sql.cells_clear)?.execute([pk])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::book::Books;
+    use crate::store::change::SiteId;
+    use crate::store::schema::Schema;
+
+    /// A database with one table `t` and two sites, ordinals 1 and 2.
+    fn db() -> (Connection, Table) {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(crate::store::meta::BOOTSTRAP).unwrap();
+        let schema = Schema::parse("CREATE TABLE t (id TEXT PRIMARY KEY, v TEXT)").unwrap();
+        let table = Table::new(1, schema.tables()[0].clone());
+        conn.execute_batch(&table.metadata_ddl()).unwrap();
+        let mut books = Books::default();
+        books.ord_of(&conn, SiteId([1; 16])).unwrap();
+        books.ord_of(&conn, SiteId([2; 16])).unwrap();
+        (conn, table)
+    }
+
+    fn stamp(ts: u64, site: Ord, seq: u32) -> Stamp {
+        Stamp {
+            ts: Timestamp(ts),
+            site,
+            version: 1,
+            seq,
+        }
+    }
+
+    #[test]
+    fn metadata_that_moves_forward_is_written() {
+        let (conn, table) = db();
+        row_set(&conn, &table, b"k", 1, stamp(5, 1, 0)).unwrap();
+        clock_set(&conn, &table, b"k", 1, 1, stamp(5, 1, 1)).unwrap();
+        // Same timestamp, greater site id: later.
+        clock_set(&conn, &table, b"k", 1, 1, stamp(5, 2, 0)).unwrap();
+        // A newer life may start from any stamp.
+        row_set(&conn, &table, b"k", 2, stamp(3, 1, 0)).unwrap();
+        let life = row_get(&conn, &table, b"k").unwrap().unwrap();
+        assert_eq!((life.cl, life.ts), (2, Timestamp(3)));
+        let cell = clock_get(&conn, &table, b"k", 1).unwrap().unwrap();
+        assert_eq!((cell.ts, cell.site), (Timestamp(5), 2));
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "causal length of the row entry")]
+    fn a_row_whose_causal_length_decreases_breaks_an_invariant() {
+        let (conn, table) = db();
+        row_set(&conn, &table, b"k", 3, stamp(5, 1, 0)).unwrap();
+        row_set(&conn, &table, b"k", 2, stamp(9, 1, 0)).unwrap();
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "a write within one life must be strictly later")]
+    fn a_cell_clock_that_goes_back_breaks_an_invariant() {
+        let (conn, table) = db();
+        clock_set(&conn, &table, b"k", 1, 1, stamp(5, 2, 0)).unwrap();
+        clock_set(&conn, &table, b"k", 1, 1, stamp(5, 1, 7)).unwrap();
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "a write within one life must be strictly later")]
+    fn rewriting_a_row_event_with_an_equal_stamp_breaks_an_invariant() {
+        let (conn, table) = db();
+        row_set(&conn, &table, b"k", 1, stamp(5, 1, 0)).unwrap();
+        row_set(&conn, &table, b"k", 1, stamp(5, 1, 0)).unwrap();
+    }
 }

@@ -1,10 +1,12 @@
 //! The store's own tables, its settings row, and the site identity chosen at open.
 //!
-//! Identity rule (see pitfall 9 in `research/crdt-sqlite.md`): local commits use
-//! `synchronous=NORMAL`, so a power loss can roll back the last commits after peers saw them.
-//! Reusing those version numbers for different content would corrupt every peer's bookkeeping, so
-//! after an unclean shutdown that may have lost writes the store takes a fresh site id and never
-//! writes under the old one again. A process crash loses nothing (committed pages are in the
+//! Identity rule: a site never gives one version number to two different contents. Local commits
+//! use `synchronous=NORMAL`, so a power loss can roll back the last commits after peers saw them;
+//! the store would then number its next writes from the rolled-back head and reuse those version
+//! numbers. A peer that already holds the old content of a version marks it held and never asks
+//! for the new one, so replicas would differ forever without any of them noticing. So after an
+//! unclean shutdown that may have lost writes the store takes a fresh site id and never writes
+//! under the old one again. A process crash loses nothing (committed pages are in the
 //! kernel's cache), which the store tells from a power loss by the kernel's boot id.
 
 use rusqlite::types::FromSql;

@@ -9,7 +9,7 @@
 //! - Each local transaction that changes something gets the next version of this site; one that
 //!   changes nothing gets none (see `writer`).
 //! - Each cell is a last-writer-wins register ordered by (hybrid logical timestamp, site id); rows
-//!   live and die by causal length (see `apply`), and a row life shows only once the insert that
+//!   live and die by causal length (see `merge`), and a row life shows only once the insert that
 //!   began it arrived: cells that come first wait for it (see `waiting`, `docs/merge-rules.md`).
 //! - A cell with no clock entry holds its column's default at timestamp zero, which makes `ADD
 //!   COLUMN` free: no backfill, no versions, nothing to send (see `schema`).
@@ -20,7 +20,6 @@
 //! `table`), and the store's own `__strata_*` tables (see `meta`).
 
 mod activity;
-mod apply;
 mod authorize;
 mod book;
 mod capture;
@@ -32,7 +31,9 @@ mod dump;
 mod error;
 mod extract;
 mod hlc;
+mod invariant;
 mod local;
+mod merge;
 mod meta;
 mod pin;
 mod readers;
@@ -347,7 +348,7 @@ pub struct StoreStats {
     pub waiting_total: u64,
     /// Cells waiting for the row event of their row life now.
     pub waiting_now: u64,
-    /// Large remote versions merged in slices, with client reads pinned (see `writer`).
+    /// Large remote versions merged in slices, with client reads pinned (see `merge::slice`).
     pub sliced_versions_total: u64,
     /// Slices committed for them.
     pub slices_total: u64,
@@ -560,7 +561,7 @@ impl Store {
             hlc_saved: Timestamp::from_sql(last),
             guard,
             path: path.clone(),
-            slicer: writer::Slicer::default(),
+            slicer: merge::Slicer::default(),
         };
         let handle = std::thread::Builder::new()
             .name("strata-store-writer".into())

@@ -1,7 +1,7 @@
 //! Pinning client reads to one committed state while a large remote version is merged in slices.
 //!
 //! The writer merges a large remote version in several commits so that local writes can commit
-//! in between (see `writer`). Readers see every commit, so without a pin they would see part of
+//! in between (see `merge::slice`). Readers see every commit, so without a pin they would see part of
 //! the version. While a sliced merge runs, the writer holds a [`Pin`]: a read transaction on a
 //! connection of its own, opened before the first slice, whose SQLite snapshot
 //! (`sqlite3_snapshot_get`) client queries open (`sqlite3_snapshot_open`) instead of the newest

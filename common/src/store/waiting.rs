@@ -5,7 +5,7 @@
 //! the row visible (readers would see a row nobody wrote: that cell plus defaults), so it waits in
 //! `__strata_waiting`, persisted in the transaction that received it, until the row event arrives
 //! (remotely, or from a local insert of the same life); it is then merged by the usual rules (see
-//! `apply`). A newer life drops the cells of older ones. The version a waiting cell came in is
+//! `merge`). A newer life drops the cells of older ones. The version a waiting cell came in is
 //! held all the same, and `extract` keeps serving the cell under it.
 //!
 //! Per row at most one life waits: the newest whose cells arrived. How many cells wait is kept in
@@ -14,11 +14,11 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::apply::Origin;
 use super::book::{from_sql, to_sql};
 use super::change::Change;
 use super::error::Result;
 use super::hlc::Timestamp;
+use super::merge::Origin;
 
 /// The `__strata_meta` key holding how many cells wait now.
 pub(crate) const COUNT_KEY: &str = "waiting";

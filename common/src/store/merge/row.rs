@@ -1,57 +1,28 @@
-//! Merging remote changes into the local tables (capture is off while this runs).
+//! A row's life by causal length: the rule applied before any cell of the row.
 //!
-//! Per row, causal length first: a change from an older life of the row is dropped; a row event
-//! of a newer life moves the row there (an even life deletes it; an odd one resets every cell to
-//! its default, or creates the row with defaults). A cell of a newer life whose row event has not
-//! been applied here waits for it (see `waiting`) instead of making the row visible: a row life
-//! becomes visible only once the write that began it arrived. Within one life each cell is a
-//! last-writer-wins register ordered by (timestamp, site id, seq); a cell with no clock entry is
-//! its default at timestamp zero. A winning value equal to the current one still takes the clock
-//! (so every replica ends with the same metadata) but does not rewrite the row. Row events of the
-//! same life keep the greatest stamp, again so metadata converges. The rules, with examples, are
-//! in `docs/merge-rules.md`.
-//!
-//! Changes for a table or column this node does not have yet are parked, with all their
-//! metadata, and merged by the same rules when the schema arrives.
-//!
-//! Merging is commutative and idempotent: replaying a change, or receiving changes in any order,
-//! ends in the same state.
+//! A change from an older life of the row is dropped; a row event of a newer life moves the row
+//! there (an even life deletes it; an odd one resets every cell to its default, or creates the
+//! row with defaults). A cell of a newer life whose row event has not been applied here waits for
+//! it (see `waiting`) instead of making the row visible: a row life becomes visible only once the
+//! write that began it arrived. Row events of the same life keep the greatest stamp, so every
+//! replica records the same metadata. Cells within the current life merge by the rule in `cell`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use rusqlite::{Connection, ToSql, params_from_iter};
 
-use super::book::{Books, Ord, to_sql};
-use super::change::{Change, SiteId};
-use super::clock::{self, RowLife, Stamp};
-use super::error::{Result, StoreError};
-use super::hlc::Timestamp;
-use super::schema::quote;
-use super::table::{ROW_EVENT, Table};
-use super::value::{Value, unpack_pk};
-use super::waiting;
-
-/// What merging one change did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Merged {
-    /// The base row changed (inserted, updated or deleted).
-    Changed,
-    /// Only metadata changed, or nothing at all.
-    Unchanged,
-    /// Parked until the schema knows its table or column.
-    Parked,
-    /// A cell waiting for the row event of its row life (see `waiting`).
-    Waiting,
-}
-
-/// The context a change is merged in: who wrote it and where it came from.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Origin {
-    pub(crate) ord: Ord,
-    pub(crate) version: u64,
-    pub(crate) ts: Timestamp,
-}
+use super::super::book::Books;
+use super::super::change::Change;
+use super::super::clock::{self, RowLife, Stamp};
+use super::super::error::{Result, StoreError};
+use super::super::schema::quote;
+use super::super::table::Table;
+use super::super::value::{Value, unpack_pk};
+use super::super::waiting;
+use super::cell::{Cell, later, merge_cell};
+use super::park::park;
+use super::{Merged, Origin};
 
 /// Rows never seen here inserted per statement at most: bounds a statement's parameters (the
 /// limit is 32766) and the work between two checks of the next row.
@@ -535,156 +506,8 @@ fn enter_life(
     Ok(changed)
 }
 
-/// One incoming cell of a live row.
-struct Cell<'a> {
-    pk: &'a [u8],
-    key_values: &'a [Value],
-    position: usize,
-    value: &'a Value,
-}
-
-/// Merges one cell of a live row. Returns whether the base row changed.
-fn merge_cell(
-    conn: &Connection,
-    table: &Table,
-    books: &Books,
-    life: &RowLife,
-    cell: &Cell<'_>,
-    stamp: Stamp,
-) -> Result<bool> {
-    let Cell {
-        pk,
-        key_values,
-        position,
-        value,
-    } = *cell;
-    if let Some(local) = clock::clock_get(conn, table, pk, position)?
-        && !later(books, stamp, (local.ts, local.site, local.seq))
-    {
-        return Ok(false);
-    }
-    clock::clock_set(conn, table, pk, position, life.cl, stamp)?;
-    let current: Option<Value> = conn
-        .prepare_cached(&table.sql.base_select)?
-        .query_row(params_from_iter(key_values.iter()), |row| {
-            let j = table
-                .tracked
-                .iter()
-                .position(|&p| p == position)
-                .unwrap_or(0);
-            row.get(j)
-        })
-        .map(Some)
-        .or_else(|err| match err {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            other => Err(other),
-        })?;
-    match current {
-        Some(current) if current.same_as(to_ref(value)) => Ok(false),
-        Some(_) => {
-            let mut params: Vec<&dyn ToSql> = key_values.iter().map(|v| v as &dyn ToSql).collect();
-            params.push(value);
-            conn.prepare_cached(&table.sql.base_update[position])?
-                .execute(params.as_slice())?;
-            Ok(true)
-        }
-        None => Err(StoreError::Corrupt(format!(
-            "live row of \"{}\" has no base row",
-            table.name()
-        ))),
-    }
-}
-
-fn to_ref(value: &Value) -> rusqlite::types::ValueRef<'_> {
-    use rusqlite::types::ValueRef;
-    match value {
-        Value::Null => ValueRef::Null,
-        Value::Integer(i) => ValueRef::Integer(*i),
-        Value::Real(r) => ValueRef::Real(*r),
-        Value::Text(s) => ValueRef::Text(s.as_bytes()),
-        Value::Blob(b) => ValueRef::Blob(b),
-    }
-}
-
-fn base_exists(conn: &Connection, table: &Table, key_values: &[Value]) -> Result<bool> {
+pub(super) fn base_exists(conn: &Connection, table: &Table, key_values: &[Value]) -> Result<bool> {
     let mut stmt = conn.prepare_cached(&table.sql.base_select)?;
     let mut rows = stmt.query(params_from_iter(key_values.iter()))?;
     Ok(rows.next()?.is_some())
-}
-
-/// Whether `stamp` is ordered after the recorded `(ts, site, seq)`.
-fn later(books: &Books, stamp: Stamp, recorded: (Timestamp, Ord, u32)) -> bool {
-    let site_id = |ord: Ord| books.ids.get(&ord).copied().unwrap_or(SiteId([0; 16]));
-    let (ts, site, seq) = recorded;
-    if site < 0 {
-        // An implied row life: every real stamp is later.
-        return true;
-    }
-    (stamp.ts, site_id(stamp.site), stamp.seq) > (ts, site_id(site), seq)
-}
-
-/// Parks a change for a table or column this node does not know yet.
-pub(crate) fn park(conn: &Connection, origin: Origin, change: &Change) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT OR IGNORE INTO __strata_parked (ord, version, seq, tbl, pk, col, val, ts, cl)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?
-    .execute(rusqlite::params![
-        origin.ord,
-        to_sql(origin.version),
-        change.seq,
-        change.table,
-        change.pk,
-        change.column.as_deref().unwrap_or(ROW_EVENT),
-        change.value,
-        origin.ts.as_sql(),
-        to_sql(change.cl),
-    ])?;
-    Ok(())
-}
-
-/// A parked change, with where it came from.
-pub(crate) struct ParkedChange {
-    pub(crate) origin: Origin,
-    pub(crate) change: Change,
-}
-
-/// Reads parked changes of one table.
-pub(crate) fn parked_for(conn: &Connection, table: &str) -> Result<Vec<ParkedChange>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT ord, version, seq, pk, col, val, ts, cl FROM __strata_parked WHERE tbl = ?1
-         ORDER BY ord, version, seq",
-    )?;
-    let rows = stmt.query_map([table], |row| {
-        let col: String = row.get(4)?;
-        Ok(ParkedChange {
-            origin: Origin {
-                ord: row.get(0)?,
-                version: super::book::from_sql(row.get(1)?),
-                ts: Timestamp::from_sql(row.get(6)?),
-            },
-            change: Change {
-                table: table.to_owned(),
-                pk: row.get(3)?,
-                column: if col == ROW_EVENT { None } else { Some(col) },
-                value: row.get(5)?,
-                cl: super::book::from_sql(row.get(7)?),
-                seq: row.get(2)?,
-            },
-        })
-    })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
-}
-
-/// Forgets a parked change once merged.
-pub(crate) fn unpark(conn: &Connection, parked: &ParkedChange) -> Result<()> {
-    conn.prepare_cached(
-        "DELETE FROM __strata_parked WHERE ord = ?1 AND version = ?2 AND seq = ?3",
-    )?
-    .execute(rusqlite::params![
-        parked.origin.ord,
-        to_sql(parked.origin.version),
-        parked.change.seq
-    ])?;
-    Ok(())
 }

@@ -15,6 +15,9 @@
 //!   COLUMN` free: no backfill, no versions, nothing to send (see `schema`).
 //! - Per-site bookkeeping (head, gaps, partial versions) is written in the same transaction as the
 //!   data (see `book`), and [`Store::changes`] serves versions to peers (see `extract`).
+//! - The invariants these rules rest on (causal length never decreases, a cell's clock never goes
+//!   back, heads never move backwards, no version is marked held twice) are asserted in tests and
+//!   debug builds (see `invariant`).
 //!
 //! Layout of a node's database: the replicated tables, their `__strata_clock_N` metadata (see
 //! `table`), and the store's own `__strata_*` tables (see `meta`).

@@ -1,7 +1,5 @@
 //! Large remote versions, merged in slices while client reads stay pinned.
 //!
-//! ## Large remote versions: merged in slices, readers pinned
-//!
 //! Measured with `strata-bench bigtx` (a 50,000-row version, 300,000 changes, 66 chunks): each
 //! chunk is buffered in tens of milliseconds, but the chunk that completed the version took one
 //! commit of 2.7 s (reading the buffer back, merging, deleting the buffer), and a 1-row local

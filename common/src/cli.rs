@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use strata_client::{Client, ClientError, ClientTls};
 
-use crate::client::{Client, ClientError, ClientTls};
 use crate::config::{ConfigError, NodeConfig};
 use crate::node::{Node, NodeError, NodeSpec};
 use crate::store::Value;

@@ -1,16 +1,15 @@
-//! What both Strata tiers share: the replicated store, the cluster machinery, the transport, the
-//! API and the client.
+//! What both Strata tiers share: the replicated store, the cluster machinery, the transport and
+//! the API.
 //!
 //! Read a write's path in this order: `api` (the gRPC call), `store` (the local transaction),
 //! `cluster` (broadcast and sync), `transport` (QUIC), then `store` again on the receiving node.
 //! `node` assembles them; `config`, `telemetry`, `metrics`, `admin` and `watchdog` are the
-//! operational parts; `client` is the Rust client; `cli` is the command line both daemons share.
+//! operational parts; `cli` is the command line both daemons share. The shared data types are in
+//! `strata-types`, the Rust client and the edge router in `strata-client`.
 
 pub mod admin;
 pub mod api;
-pub mod backoff;
 pub mod cli;
-pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod metrics;
@@ -20,3 +19,6 @@ pub mod store;
 pub mod telemetry;
 pub mod transport;
 pub mod watchdog;
+
+// Retry pauses live in `strata-types`, shared with the client; `crate::backoff` keeps working.
+pub use strata_types::backoff;

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
+use strata_client::ClientTls;
+use strata_client::router::{Router, RouterConfig};
 use strata_common::api::caller;
-use strata_common::client::ClientTls;
-use strata_common::client::router::{Router, RouterConfig};
 use strata_common::node::{NodeError, NodeSpec, Services};
 use strata_common::transport::Tier;
 use strata_proto::v1 as pb;
@@ -66,7 +66,9 @@ fn services(
     services
         .metrics
         .add_source(Box::new(Arc::clone(publisher.stats())));
-    services.metrics.add_source(Box::new(router.stats()));
+    services
+        .metrics
+        .add_source(Box::new(route::RouterMetrics(router.stats())));
     let service = GlobalService {
         publisher,
         router,

@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
                     let cells: Vec<String> = row
                         .values
                         .into_iter()
-                        .map(|v| render(&strata_common::api::convert::value_from_pb(v)))
+                        .map(|v| render(&strata_proto::convert::value_from_pb(v)))
                         .collect();
                     println!("{}", cells.join("|"));
                 }

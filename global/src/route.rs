@@ -3,15 +3,39 @@
 //! globald holds the global map itself, so its router reads the map from the local store
 //! ([`LocalMap`]); the regions' running Machines come from the router's region caches, each a
 //! subscription to one region's regiond, opened on first use (see
-//! `strata_common::client::router`).
+//! `strata_client::router`). The router's counters join globald's metrics through
+//! [`RouterMetrics`].
+
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use strata_common::client::router::{AppRegions, MapSource, Route, RouteError, app_regions};
+use strata_client::router::{AppRegions, MapSource, Route, RouteError, RouterStats, app_regions};
+use strata_common::metrics::{MetricSource, Sample, SampleKind};
 use strata_common::store::{Store, Value};
 use strata_proto::v1 as pb;
 use tonic::Status;
 
-use strata_common::api::convert::row_to_pb;
+use strata_proto::convert::row_to_pb;
+
+/// The router's counters as a source of globald's metrics: the router (in `strata-client`)
+/// names its counters and knows nothing of the registry.
+#[derive(Debug)]
+pub struct RouterMetrics(pub Arc<RouterStats>);
+
+impl MetricSource for RouterMetrics {
+    fn collect(&self) -> Vec<Sample> {
+        self.0
+            .counters()
+            .into_iter()
+            .map(|counter| Sample {
+                name: counter.name,
+                help: counter.help,
+                kind: SampleKind::Counter,
+                value: counter.value as f64,
+            })
+            .collect()
+    }
+}
 
 /// The app's regions.
 const REGIONS_SQL: &str = "SELECT region, started FROM app_regions WHERE app = ?1";
@@ -64,7 +88,7 @@ impl MapSource for LocalMap {
             )
             .ok()?;
         match rows.rows.first().and_then(|row| row.first()) {
-            Some(Value::Text(list)) => Some(strata_common::client::router::parse_endpoints(list)),
+            Some(Value::Text(list)) => Some(strata_client::router::parse_endpoints(list)),
             _ => None,
         }
     }

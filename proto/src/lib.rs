@@ -1,11 +1,18 @@
-//! Strata's gRPC API, generated from `strata/v1/*.proto` at build time.
+//! Strata's gRPC API, generated from `strata/v1/*.proto` at build time, and the conversions
+//! between its messages and `strata-types` (`convert`).
 //!
 //! The `.proto` files are the contract for clients in other languages (see the Python client in
-//! `tests/`); this crate only holds the generated Rust code.
+//! `tests/`); this crate holds the generated Rust code, the conversions both the server and the
+//! client use, and the one message size limit both sides apply.
 
-#![allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod convert;
+
+/// Messages larger than this are refused before decoding, whatever the configured limit: the
+/// server's hard limit, and what a client accepts in one answer.
+pub const HARD_MESSAGE_BYTES_MAX: usize = 64 << 20;
 
 /// Version 1 of the API (`package strata.v1`).
+#[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("strata.v1");
 

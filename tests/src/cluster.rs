@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use strata_common::client::Client;
+use strata_client::Client;
 use strata_common::config::{NodeConfig, TlsSection};
 use strata_common::node::{Node, NodeSpec};
 use strata_common::store::Store;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strata_common::client::Client;
+use strata_client::Client;
 use strata_common::config::TlsSection;
 use strata_common::transport::{PeerIdentity, Tier, generate_node};
 

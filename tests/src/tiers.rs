@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use strata_common::client::{Client, ClientTls};
+use strata_client::{Client, ClientTls};
 use strata_common::config::{NodeConfig, TlsSection};
 use strata_common::store::{Rows, Statement, Value};
 use strata_common::transport::Tier;

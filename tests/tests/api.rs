@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use strata_common::client::ClientError;
+use strata_client::ClientError;
 use strata_common::store::{Statement, Value};
 use strata_proto::v1 as pb;
 use strata_tests::cluster::{TestCluster, wait_for};
@@ -603,7 +603,7 @@ async fn a_folded_subscription_equals_a_fresh_query_after_random_writes() {
             .map(|r| {
                 let values: Vec<pb::Value> = r
                     .into_iter()
-                    .map(strata_common::api::convert::value_to_pb)
+                    .map(strata_proto::convert::value_to_pb)
                     .collect();
                 (format!("{:?}", values.first()), values)
             })

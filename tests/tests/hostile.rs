@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use strata_common::client::{Client, ClientError};
+use strata_client::{Client, ClientError};
 use strata_common::config::NodeConfig;
 use strata_common::store::{Statement, Value};
 use strata_tests::cluster::{TestCluster, wait_for};

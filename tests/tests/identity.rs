@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use strata_common::client::{Client, ClientError, ClientTls};
+use strata_client::{Client, ClientError, ClientTls};
 use strata_common::config::{NodeConfig, TlsSection};
 use strata_common::node::{Node, NodeError};
 use strata_common::store::{Statement, Value};

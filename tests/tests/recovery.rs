@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use strata_common::client::{Client, ClientError};
+use strata_client::{Client, ClientError};
 use strata_common::store::{Statement, Value};
 use strata_tests::cluster::{TestCluster, wait_for};
 use strata_tests::procs::{ProcCluster, ProcOptions, admin_get, metric_value};

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use strata_common::client::router::{Router, RouterConfig};
+use strata_client::router::{Router, RouterConfig};
 use strata_common::store::{Statement, Value};
 use strata_common::transport::Tier;
 use strata_proto::v1 as pb;
@@ -315,9 +315,9 @@ async fn a_region_writes_only_its_own_rows_within_its_caps() {
     tiers.shutdown().await;
 }
 
-fn assert_status(err: &strata_common::client::ClientError, code: Code, says: &str) {
+fn assert_status(err: &strata_client::ClientError, code: Code, says: &str) {
     match err {
-        strata_common::client::ClientError::Status(status) => {
+        strata_client::ClientError::Status(status) => {
             assert_eq!(status.code(), code, "{}", status.message());
             assert!(
                 status.message().contains(says),
@@ -806,7 +806,7 @@ async fn edge_lookups_prefer_the_local_region_and_fall_through_when_its_nodes_ar
     // An app nobody runs.
     assert!(matches!(
         edge.route("nope").await,
-        Err(strata_common::client::router::RouteError::NotFound(_))
+        Err(strata_client::router::RouteError::NotFound(_))
     ));
     // globald's Route agrees, for proxies in other languages.
     let global = tiers.global_client(0).await;

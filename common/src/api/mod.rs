@@ -13,7 +13,6 @@
 //! the CA without a Strata identity may read. A plaintext API (`Caller::Plaintext`) trusts
 //! whoever reaches it, which `config` allows off loopback only when told explicitly.
 
-pub mod convert;
 mod service;
 pub mod status;
 pub mod subscribe;
@@ -126,8 +125,7 @@ pub fn caller<T>(request: &tonic::Request<T>, tls: bool) -> Caller {
     }
 }
 
-/// Messages larger than this are refused before decoding, whatever the configured limit.
-pub const HARD_MESSAGE_BYTES_MAX: usize = 64 << 20;
+pub use strata_proto::HARD_MESSAGE_BYTES_MAX;
 
 /// TLS handshakes in progress at once on the API. Beyond it new TCP connections wait in the
 /// listen backlog: 64 keeps a reconnect storm from spending every core on handshakes.

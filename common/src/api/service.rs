@@ -5,13 +5,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use strata_proto::convert::{row_to_pb, statement_from_pb};
 use strata_proto::v1 as pb;
 use strata_proto::v1::strata_server::Strata;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
-use super::convert::{row_to_pb, statement_from_pb};
 use super::status::from_store;
 use super::subscribe::{EventStream, Hub};
 use crate::cluster::driver::Cluster;

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use strata_proto::convert::{row_to_pb, statement_from_pb};
 use strata_proto::v1 as pb;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,7 +35,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
-use super::convert::{row_to_pb, statement_from_pb};
 use super::status::from_store;
 use crate::metrics::Metrics;
 use crate::store::{Deadline, Statement, Store, Value};

@@ -9,7 +9,6 @@
 //! version whose data is not there. Memory holds a cache of them, replaced after each commit.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::RangeInclusive;
 
 use rangemap::RangeInclusiveSet;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -18,6 +17,8 @@ use super::change::SiteId;
 use super::error::{Result, StoreError};
 use super::hlc::Timestamp;
 use super::invariant::invariant;
+
+pub use strata_types::SiteState;
 
 /// A site's local ordinal (its row in `__strata_sites`), never on the wire.
 pub(crate) type Ord = i64;
@@ -297,58 +298,6 @@ impl Books {
     }
 }
 
-/// One site's bookkeeping as reported for sync.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SiteState {
-    /// The site.
-    pub site: SiteId,
-    /// Highest version held.
-    pub head: u64,
-    /// Versions at or below `head` still missing.
-    pub gaps: Vec<RangeInclusive<u64>>,
-    /// Versions held in part.
-    pub partials: Vec<u64>,
-}
-
-impl SiteState {
-    /// Whether version `v` is held completely.
-    pub fn has(&self, v: u64) -> bool {
-        v >= 1 && v <= self.head && !self.gaps.iter().any(|g| g.contains(&v))
-    }
-
-    /// Versions held here, in `range`, as ranges (for serving a peer that lacks them).
-    pub fn held_in(&self, range: RangeInclusive<u64>) -> Vec<RangeInclusive<u64>> {
-        let lo = (*range.start()).max(1);
-        let hi = (*range.end()).min(self.head);
-        if lo > hi {
-            return Vec::new();
-        }
-        let mut held = RangeInclusiveSet::new();
-        held.insert(lo..=hi);
-        for gap in &self.gaps {
-            held.remove(gap.clone());
-        }
-        held.iter().cloned().collect()
-    }
-}
-
-/// Asserts (debug builds; one extra query) that the head about to be saved for site `ord` is not
-/// below the one saved before: a site's head never moves backwards.
-pub(crate) fn check_head_forward(conn: &Connection, ord: Ord, head: u64) -> Result<()> {
-    if cfg!(debug_assertions) {
-        let saved: Option<i64> = conn
-            .prepare_cached("SELECT head FROM __strata_sites WHERE ord = ?1")?
-            .query_row([ord], |row| row.get(0))
-            .optional()?;
-        let saved = saved.map_or(0, from_sql);
-        invariant!(
-            head >= saved,
-            "the head of site ordinal {ord} would move backwards from {saved} to {head}"
-        );
-    }
-    Ok(())
-}
-
 /// Versions are u64 but SQLite integers are i64; versions never come near 2^63.
 pub(crate) fn to_sql(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -473,18 +422,6 @@ mod tests {
         partial.cover(3..=5, 7);
         assert!(partial.is_complete());
         partial.check_buffered(&[]);
-    }
-
-    #[test]
-    fn held_ranges_skip_gaps() {
-        let state = SiteState {
-            site: SiteId([0; 16]),
-            head: 10,
-            gaps: vec![3..=4, 8..=8],
-            partials: vec![],
-        };
-        assert_eq!(state.held_in(0..=20), vec![1..=2, 5..=7, 9..=10]);
-        assert_eq!(state.held_in(11..=20), Vec::<RangeInclusive<u64>>::new());
     }
 
     #[test]

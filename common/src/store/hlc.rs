@@ -7,43 +7,10 @@
 //!
 //! No I/O: the caller passes the wall clock in. A remote timestamp far ahead of the wall clock is
 //! still observed (rejecting it would lose a write) but reported, so it can be counted.
+//!
+//! The timestamp value itself is [`Timestamp`] of `strata-types`, re-exported here.
 
-use serde::{Deserialize, Serialize};
-
-/// Bits of a timestamp that hold the logical counter.
-const COUNTER_BITS: u32 = 16;
-
-/// A hybrid logical clock timestamp. Zero is "before every write": a cell with no clock entry
-/// holds its column's default at timestamp zero.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-pub struct Timestamp(pub u64);
-
-impl Timestamp {
-    /// The timestamp before every write.
-    pub const ZERO: Timestamp = Timestamp(0);
-
-    /// The wall-clock part, in milliseconds since the Unix epoch.
-    pub fn millis(self) -> u64 {
-        self.0 >> COUNTER_BITS
-    }
-
-    /// The smallest timestamp at the given wall-clock milliseconds.
-    pub fn from_millis(ms: u64) -> Timestamp {
-        Timestamp(ms << COUNTER_BITS)
-    }
-
-    /// The value as SQLite stores it (always non-negative for the next few thousand years).
-    pub fn as_sql(self) -> i64 {
-        i64::try_from(self.0).unwrap_or(i64::MAX)
-    }
-
-    /// Reads a stored timestamp; negative values (never written by us) read as zero.
-    pub fn from_sql(raw: i64) -> Timestamp {
-        Timestamp(u64::try_from(raw).unwrap_or(0))
-    }
-}
+pub use strata_types::Timestamp;
 
 /// The clock: the greatest timestamp produced or observed so far.
 #[derive(Debug, Clone)]

@@ -65,6 +65,7 @@ pub use error::{Result, StoreError};
 pub use hlc::{Timestamp, WallClock};
 pub use meta::FreshReason;
 pub use schema::{ColumnDef, IndexDef, Refusal, Schema, SchemaRefusal, TableDef};
+pub use strata_types::{Rows, Statement};
 pub use value::{
     CELL_BYTES_MAX, PkError, Unreplicable, Value, check_replicable, display_pk, pack_pk, unpack_pk,
 };
@@ -173,33 +174,6 @@ pub(crate) fn limit_values(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// One SQL statement with positional parameters.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Statement {
-    /// The SQL text (one statement).
-    pub sql: String,
-    /// Values for `?1`, `?2`, ...
-    pub params: Vec<Value>,
-}
-
-impl Statement {
-    /// A statement without parameters.
-    pub fn new(sql: impl Into<String>) -> Statement {
-        Statement {
-            sql: sql.into(),
-            params: Vec::new(),
-        }
-    }
-
-    /// A statement with parameters.
-    pub fn with_params(sql: impl Into<String>, params: Vec<Value>) -> Statement {
-        Statement {
-            sql: sql.into(),
-            params,
-        }
-    }
-}
-
 /// A committed local transaction.
 #[derive(Debug, Clone)]
 pub struct Committed {
@@ -274,15 +248,6 @@ pub struct CommitEvent {
     pub applied: Vec<(SiteId, u64)>,
     /// Rows whose base values changed, as (table, packed key), sorted.
     pub changed: Vec<(String, Vec<u8>)>,
-}
-
-/// Rows returned by a query.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Rows {
-    /// Column names.
-    pub columns: Vec<String>,
-    /// The rows.
-    pub rows: Vec<Vec<Value>>,
 }
 
 /// Counters of the store, for metrics.

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prost::Message;
-use strata_common::client::{Client, ClientError, ClientTls};
+use strata_client::{Client, ClientError, ClientTls};
 use strata_common::cluster::driver::ClusterView;
 use strata_common::config::PublishSection;
 use strata_common::metrics::{MetricSource, Sample, SampleKind};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use strata_common::client::Client;
+use strata_client::Client;
 use strata_common::store::{Statement, Value};
 use strata_proto::v1 as pb;
 use tokio::sync::mpsc;

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use strata_common::client::router::{Router, RouterConfig};
-use strata_common::client::{Client, ClientTls};
+use strata_client::router::{Router, RouterConfig};
+use strata_client::{Client, ClientTls};
 use strata_common::config::DEFAULT_MACHINES_QUERY;
 use strata_common::store::{Statement, Value};
 use strata_common::transport::Tier;
@@ -350,7 +350,7 @@ async fn follow_global(
             let values: Vec<Value> = row
                 .values
                 .into_iter()
-                .map(strata_common::api::convert::value_from_pb)
+                .map(strata_proto::convert::value_from_pb)
                 .collect();
             if let [Value::Text(app), Value::Text(region), Value::Integer(n)] = &values[..] {
                 let seen = (index, app.clone(), region.clone(), *n, Instant::now());

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use strata_common::client::{Client, ClientError};
+use strata_client::{Client, ClientError};
 use strata_common::store::{Statement, Value};
 
 use super::cluster::{cluster, percentile, round2};

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use strata_common::client::Client;
+use strata_client::Client;
 use strata_common::store::{Statement, Value};
 
 use super::cluster::{cluster, percentile, round2};

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
-use strata_common::client::Client;
+use strata_client::Client;
 use strata_common::store::{Store, StoreOptions, Value};
 use tokio_util::sync::CancellationToken;
 

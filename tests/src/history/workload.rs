@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use strata_common::client::{Client, ClientError};
+use strata_client::{Client, ClientError};
 use strata_common::store::{Statement, Value};
 use tokio_util::sync::CancellationToken;
 

@@ -125,7 +125,7 @@ impl Writer {
         batch: &mut Batch,
     ) -> Result<Result<Outcome>, Failure> {
         if let Err(err) = changeset.validate() {
-            return Ok(Err(err));
+            return Ok(Err(err.into()));
         }
         if changeset.site == self.shared.site {
             // Never take content for our own site from elsewhere: we wrote it, or it never was.

@@ -12,12 +12,12 @@
 
 use std::time::Duration;
 
+use strata_proto::convert::value_from_pb;
 use strata_proto::v1 as pb;
+use strata_types::{Statement, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{Client, ClientError, ClientTls};
-use crate::api::convert::value_from_pb;
-use crate::store::{Statement, Value};
+use crate::{Client, ClientError, ClientTls};
 
 /// What a follower learns.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,7 +82,7 @@ impl Follow {
             sink(Event::Down(reason));
             attempt = attempt.wrapping_add(1);
             failures = failures.saturating_add(1);
-            let pause = crate::backoff::jittered(
+            let pause = strata_types::backoff::jittered(
                 self.backoff_min,
                 self.backoff_max,
                 failures,

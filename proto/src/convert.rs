@@ -1,9 +1,10 @@
-//! Conversions between the wire types of the API (`strata_proto::v1`) and the store's.
+//! Conversions between the wire types of the API (`strata_proto::v1`) and the shared data of
+//! `strata-types`, used by the API that serves them and by the client that calls it.
 
-use strata_proto::v1 as pb;
+use strata_types::{Statement, Value};
 use tonic::Status;
 
-use crate::store::{Statement, Value};
+use crate::v1 as pb;
 
 /// A store value from a wire value (an unset kind is NULL).
 pub fn value_from_pb(value: pb::Value) -> Value {

@@ -1,21 +1,24 @@
 //! A Rust client of a node's gRPC API.
 //!
-//! Thin: it converts between the store's values and the wire types and gathers streamed query
-//! answers. Edge routing across the two tiers builds on it (see the router, with the global
-//! tier).
+//! Thin: it converts between the shared values of `strata-types` and the wire types and
+//! gathers streamed query answers. Following a query across failures builds on it (`follow`),
+//! and edge routing across the two tiers on that (`router`).
+//!
+//! This crate links no SQLite, QUIC or SWIM (a test checks its dependency tree), so an edge
+//! proxy that only routes can use it without the node's machinery.
 
 use std::time::Duration;
 
 pub mod follow;
 pub mod router;
 
+use strata_proto::HARD_MESSAGE_BYTES_MAX;
+use strata_proto::convert::{value_from_pb, value_to_pb};
 use strata_proto::v1 as pb;
 use strata_proto::v1::global_client::GlobalClient;
 use strata_proto::v1::strata_client::StrataClient;
+use strata_types::{Rows, Statement, Value};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-use crate::api::convert::{value_from_pb, value_to_pb};
-use crate::store::{Rows, Statement, Value};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -138,9 +141,8 @@ impl Client {
     pub fn from_channel(channel: Channel) -> Client {
         Client {
             inner: StrataClient::new(channel.clone())
-                .max_decoding_message_size(crate::api::HARD_MESSAGE_BYTES_MAX),
-            global: GlobalClient::new(channel)
-                .max_decoding_message_size(crate::api::HARD_MESSAGE_BYTES_MAX),
+                .max_decoding_message_size(HARD_MESSAGE_BYTES_MAX),
+            global: GlobalClient::new(channel).max_decoding_message_size(HARD_MESSAGE_BYTES_MAX),
         }
     }
 

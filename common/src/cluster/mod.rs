@@ -16,6 +16,7 @@
 pub mod broadcast;
 pub mod core;
 pub mod driver;
+pub mod handle;
 pub mod instep;
 pub mod known;
 pub mod membership;
@@ -27,6 +28,7 @@ pub mod sync;
 
 pub use self::broadcast::Strategy;
 pub use self::core::{APPLY_INFLIGHT_MAX, Action, ClusterConfig, Core, Input, Replica, Timer};
+pub use self::handle::{Cluster, ClusterView};
 pub use self::membership::{Member, MemberEvent, MembershipConfig};
 pub use self::pack::PackLimits;
 pub use self::sync::SyncConfig;

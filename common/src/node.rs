@@ -23,8 +23,8 @@ use crate::api::{
     self, StrataService,
     subscribe::{Hub, HubConfig},
 };
-use crate::cluster::driver::{self, Cluster, DriverOptions};
-use crate::cluster::{Core, Member};
+use crate::cluster::driver::{self, DriverOptions};
+use crate::cluster::{Cluster, ClusterView, Core, Member};
 use crate::config::{NodeConfig, TlsSection};
 use crate::metrics::{CertLabel, MetricSource, Metrics, ReasonLabel, Sample, SampleKind};
 use crate::readiness;
@@ -656,7 +656,7 @@ struct ReadinessSources {
 
 impl ReadinessSources {
     /// A snapshot of every input of [`readiness::evaluate`].
-    fn snapshot(&self, view: &driver::ClusterView) -> readiness::Inputs {
+    fn snapshot(&self, view: &ClusterView) -> readiness::Inputs {
         let quarantine_example = self
             .cluster
             .quarantine_list(READINESS_QUARANTINE_NAMED)

@@ -139,6 +139,11 @@ enum Event {
         to: usize,
         peer: usize,
     },
+    Applied {
+        node: usize,
+        epoch: u64,
+        changesets: usize,
+    },
 }
 
 /// Statistics of a run.
@@ -459,6 +464,15 @@ impl Sim {
                     self.input(node, Input::Timer(timer));
                 }
             }
+            Event::Applied {
+                node,
+                epoch,
+                changesets,
+            } => {
+                if self.nodes[node].epoch == epoch {
+                    self.input(node, Input::Applied { changesets });
+                }
+            }
             Event::SyncReply {
                 to,
                 from,
@@ -521,29 +535,51 @@ impl Sim {
                         self.schedule(after, Event::Packet { to, bytes });
                     }
                 }
-                Action::Send { to, changesets } => {
-                    let Some(&to) = self.by_addr.get(&to) else {
-                        continue;
-                    };
-                    if !self.reachable(index, to) {
-                        self.stats.cut += 1;
-                        continue;
+                Action::Push { to, frames, .. } => {
+                    let changesets: Arc<Vec<Changeset>> = Arc::new(
+                        frames
+                            .iter()
+                            .flat_map(|f| f.changesets.iter().cloned())
+                            .collect(),
+                    );
+                    for to in to {
+                        let Some(&to) = self.by_addr.get(&to) else {
+                            continue;
+                        };
+                        if !self.reachable(index, to) {
+                            self.stats.cut += 1;
+                            continue;
+                        }
+                        // A stream survives loss by retransmission: a lost packet costs a round
+                        // trip.
+                        let mut after = self.latency();
+                        if self.net.loss > 0.0 && self.rng.random_bool(self.net.loss) {
+                            after += 2 * self.latency() + Duration::from_millis(5);
+                        }
+                        self.schedule(
+                            after,
+                            Event::Push {
+                                to,
+                                from: index,
+                                changesets: Arc::clone(&changesets),
+                            },
+                        );
                     }
-                    // A stream survives loss by retransmission: a lost packet costs a round trip.
-                    let mut after = self.latency();
-                    if self.net.loss > 0.0 && self.rng.random_bool(self.net.loss) {
-                        after += 2 * self.latency() + Duration::from_millis(5);
-                    }
+                }
+                Action::Apply { changesets } => {
+                    // Applied at once; the core hears of it as from an apply worker.
+                    let count = changesets.len();
+                    self.apply(index, changesets);
+                    let epoch = self.nodes[index].epoch;
                     self.schedule(
-                        after,
-                        Event::Push {
-                            to,
-                            from: index,
-                            changesets,
+                        Duration::ZERO,
+                        Event::Applied {
+                            node: index,
+                            epoch,
+                            changesets: count,
                         },
                     );
                 }
-                Action::Apply { changesets } => self.apply(index, changesets),
                 Action::Sync { peer } => {
                     let Some(&peer) = self.by_addr.get(&peer) else {
                         continue;

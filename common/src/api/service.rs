@@ -14,7 +14,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::status::from_store;
 use super::subscribe::{EventStream, Hub};
-use crate::cluster::driver::Cluster;
+use crate::cluster::Cluster;
 use crate::config::ApiSection;
 use crate::metrics::{ApiLabels, MethodLabel, Metrics};
 use crate::store::{Deadline, Statement, Store};

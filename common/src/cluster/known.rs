@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::driver::ClusterView;
+use super::handle::ClusterView;
 
 /// The file name, in the data directory.
 pub const FILE_NAME: &str = "members.json";

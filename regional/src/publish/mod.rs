@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use prost::Message;
 use strata_client::{Client, ClientError, ClientTls};
-use strata_common::cluster::driver::ClusterView;
+use strata_common::cluster::ClusterView;
 use strata_common::config::PublishSection;
 use strata_common::metrics::{MetricSource, Sample, SampleKind};
 use strata_common::node::{NodeError, Services};

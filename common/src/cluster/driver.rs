@@ -36,7 +36,7 @@ use super::message::{
     SyncRequest,
 };
 use super::quarantine::{Quarantine, Quarantined, Recorded};
-use super::sync;
+use super::session::{Fetch, Fetching, Outcome, Serve, Serving, SessionLimits};
 use crate::admin::Readiness;
 use crate::metrics::{Metrics, ReasonLabel, Role, RoleLabel, SyncLabels, SyncResult, ViaLabel};
 use crate::store::{Changeset, SiteId, Store};
@@ -80,10 +80,6 @@ impl Default for DriverOptions {
         }
     }
 }
-
-/// Versions one extraction reads at most while serving a sync session: bounds the memory of one
-/// step of a session.
-const SYNC_WINDOW_VERSIONS: u64 = 256;
 
 /// What the cluster looks like from this node, for the API and health.
 #[derive(Debug, Clone, Default)]
@@ -269,7 +265,7 @@ struct Shared {
     apply: mpsc::Sender<Vec<Changeset>>,
     readers: Arc<Semaphore>,
     serving: Arc<Semaphore>,
-    sync: sync::SyncConfig,
+    limits: SessionLimits,
     chunk_bytes: usize,
     faults: Faults,
     quarantine: Arc<std::sync::Mutex<Quarantine>>,
@@ -296,6 +292,7 @@ pub fn spawn(
     let sync = core.sync_config().clone();
     let faults = Faults::default();
     let quarantine = Arc::new(std::sync::Mutex::new(Quarantine::new()));
+    let limits = SessionLimits::new(&sync, store.options().chunk_bytes, options.frame_bytes_max);
     let shared = Arc::new(Shared {
         faults: faults.clone(),
         quarantine: Arc::clone(&quarantine),
@@ -305,7 +302,7 @@ pub fn spawn(
         metrics,
         readers: Arc::new(Semaphore::new(options.readers_max.max(1))),
         serving: Arc::new(Semaphore::new(sync.serve_max.max(1))),
-        sync,
+        limits,
         options,
         events: events_tx,
         apply: apply_tx,
@@ -484,9 +481,9 @@ impl Driver {
                             .get_or_create(&RoleLabel::client())
                             .dec();
                         let (complete, failed, result) = match outcome {
-                            Ok(SyncOutcome::Complete) => (true, false, SyncResult::Complete),
-                            Ok(SyncOutcome::Partial) => (false, false, SyncResult::Partial),
-                            Ok(SyncOutcome::Busy) => (false, true, SyncResult::Busy),
+                            Ok(Outcome::Complete) => (true, false, SyncResult::Complete),
+                            Ok(Outcome::Partial) => (false, false, SyncResult::Partial),
+                            Ok(Outcome::Busy) => (false, true, SyncResult::Busy),
                             Err(err) => {
                                 tracing::debug!(%peer, error = %err, "sync session failed");
                                 (false, true, SyncResult::Failed)
@@ -1007,12 +1004,6 @@ async fn store_events(shared: Arc<Shared>) {
     }
 }
 
-enum SyncOutcome {
-    Complete,
-    Partial,
-    Busy,
-}
-
 #[derive(Debug, thiserror::Error)]
 enum SyncError {
     #[error("transport: {0}")]
@@ -1027,17 +1018,16 @@ enum SyncError {
     Truncated,
 }
 
-/// Runs a sync session as client: sends our bookkeeping, applies what comes back.
-async fn sync_client(shared: &Shared, peer: SocketAddr) -> Result<SyncOutcome, SyncError> {
+/// Runs a sync session as client: sends our bookkeeping, applies what comes back. The session's
+/// decisions are `session::Fetching`'s; this moves its frames.
+async fn sync_client(shared: &Shared, peer: SocketAddr) -> Result<Outcome, SyncError> {
     if shared.faults.is_blocked(&peer) {
         return Err(SyncError::Truncated);
     }
     let conn = shared.transport.connect(peer).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let masked = lock(&shared.quarantine).masked(Instant::now());
-    let request = SyncRequest {
-        sites: sync::mask(&shared.store.bookkeeping(), &masked),
-    };
+    let (mut fetching, request) = Fetching::new(peer, &shared.store.bookkeeping(), &masked);
     let payload = message::encode(&request).map_err(|e| SyncError::Malformed(e.to_string()))?;
     write_frame(
         &mut send,
@@ -1057,10 +1047,10 @@ async fn sync_client(shared: &Shared, peer: SocketAddr) -> Result<SyncOutcome, S
         if frame.kind != KIND_SYNC_REPLY {
             return Err(SyncError::Malformed(format!("frame kind {}", frame.kind)));
         }
-        match message::decode::<SyncReply>(&frame.payload)
-            .map_err(|e| SyncError::Malformed(e.to_string()))?
-        {
-            SyncReply::Changes(changesets) => {
+        let reply = message::decode::<SyncReply>(&frame.payload)
+            .map_err(|e| SyncError::Malformed(e.to_string()))?;
+        match fetching.on_reply(reply) {
+            Fetch::Apply(changesets) => {
                 let via = ViaLabel::sync();
                 shared
                     .metrics
@@ -1074,17 +1064,13 @@ async fn sync_client(shared: &Shared, peer: SocketAddr) -> Result<SyncOutcome, S
                     .inc_by(frame.payload.len() as u64);
                 apply(shared, changesets).await;
             }
-            SyncReply::Unservable {
+            Fetch::Quarantine {
                 site,
                 version,
                 reason,
-            } => {
-                let reason = format!("peer {peer} cannot serve it: {reason}");
-                quarantine_version(shared, site, version, &reason);
-            }
-            SyncReply::Done { complete: true } => return Ok(SyncOutcome::Complete),
-            SyncReply::Done { complete: false } => return Ok(SyncOutcome::Partial),
-            SyncReply::Busy => return Ok(SyncOutcome::Busy),
+            } => quarantine_version(shared, site, version, &reason),
+            Fetch::Done(outcome) => return Ok(outcome),
+            Fetch::Violation(why) => return Err(SyncError::Malformed(why)),
         }
     }
 }
@@ -1127,7 +1113,7 @@ async fn serve_syncs(shared: Arc<Shared>, conn: Conn) {
                 }
                 Err(_) => {
                     let mut send = send;
-                    if let Ok(payload) = message::encode(&SyncReply::Busy) {
+                    if let Ok(payload) = message::encode(&Serving::busy()) {
                         let _ = write_frame(
                             &mut send,
                             &Frame::new(KIND_SYNC_REPLY, Bytes::from(payload)),
@@ -1164,83 +1150,33 @@ async fn serve_sync(
     }
     let request: SyncRequest =
         message::decode(&frame.payload).map_err(|e| SyncError::Malformed(e.to_string()))?;
-    let ours = shared.store.bookkeeping();
-    let missing = sync::missing(&ours, &request.sites);
-    let (windows, complete) = sync::plan(
-        &missing,
-        shared.sync.session_versions_max,
-        SYNC_WINDOW_VERSIONS,
-    );
-    let mut batch: Vec<Changeset> = Vec::new();
-    let mut size = 0;
-    for (site, range) in windows {
-        let store = shared.store.clone();
-        let changesets = tokio::task::spawn_blocking(move || store.changes(site, range))
-            .await
-            .map_err(|e| SyncError::Malformed(format!("extraction task: {e}")))??;
-        for changeset in changesets {
-            let (site, version) = (changeset.site, changeset.version);
-            // Chunked like a push, so a large version spans frames; a version with a chunk that
-            // still does not fit a frame (one huge cell) is skipped and reported, not the session
-            // failed.
-            let chunks: Vec<(Changeset, usize)> = changeset
-                .chunked(shared.chunk_bytes)
-                .into_iter()
-                .map(|chunk| {
-                    let size = chunk.changes.iter().map(|c| c.size_hint()).sum::<usize>() + 64;
-                    (chunk, size)
-                })
-                .collect();
-            if let Some(reason) = chunks.iter().find_map(|(chunk, chunk_size)| {
-                unservable(chunk, *chunk_size, shared.options.frame_bytes_max)
-            }) {
-                shared.metrics.sync_unservable.inc();
-                tracing::warn!(%site, version, %reason, "cannot serve a version over sync; skipped");
-                send_reply(
-                    &mut send,
-                    &SyncReply::Unservable {
-                        site,
-                        version,
-                        reason,
-                    },
-                )
-                .await?;
-                continue;
+    let mut serving = Serving::new(&request, &shared.store.bookkeeping(), shared.limits);
+    loop {
+        match serving.next() {
+            Serve::Extract { site, range } => {
+                let store = shared.store.clone();
+                let changesets = tokio::task::spawn_blocking(move || store.changes(site, range))
+                    .await
+                    .map_err(|e| SyncError::Malformed(format!("extraction task: {e}")))??;
+                serving.extracted(changesets);
             }
-            for (chunk, chunk_size) in chunks {
-                if size + chunk_size > shared.sync.frame_bytes_max && !batch.is_empty() {
-                    send_reply(&mut send, &SyncReply::Changes(std::mem::take(&mut batch))).await?;
-                    size = 0;
+            Serve::Reply(reply) => {
+                if let SyncReply::Unservable {
+                    site,
+                    version,
+                    reason,
+                } = &reply
+                {
+                    shared.metrics.sync_unservable.inc();
+                    tracing::warn!(%site, version, %reason, "cannot serve a version over sync; skipped");
                 }
-                size += chunk_size;
-                batch.push(chunk);
+                send_reply(&mut send, &reply).await?;
+            }
+            Serve::Finish { complete } => {
+                let _ = send.finish();
+                return Ok(complete);
             }
         }
-    }
-    if !batch.is_empty() {
-        send_reply(&mut send, &SyncReply::Changes(batch)).await?;
-    }
-    send_reply(&mut send, &SyncReply::Done { complete }).await?;
-    let _ = send.finish();
-    Ok(complete)
-}
-
-/// Why `chunk` cannot be sent in a sync frame of at most `frame_bytes_max` bytes, if it cannot.
-/// Encodes it only when its estimate comes near the limit.
-fn unservable(chunk: &Changeset, estimate: usize, frame_bytes_max: usize) -> Option<String> {
-    // Room for the reply's envelope and the frame header.
-    const ENVELOPE_BYTES: usize = 64;
-    if estimate + ENVELOPE_BYTES < frame_bytes_max / 2 {
-        return None;
-    }
-    let reply = SyncReply::Changes(vec![chunk.clone()]);
-    match message::encode(&reply) {
-        Ok(payload) if payload.len() + ENVELOPE_BYTES <= frame_bytes_max => None,
-        Ok(payload) => Some(format!(
-            "its encoding is {} bytes, over the sync frame limit of {frame_bytes_max} bytes",
-            payload.len()
-        )),
-        Err(err) => Some(format!("it cannot be encoded: {err}")),
     }
 }
 
@@ -1248,45 +1184,4 @@ async fn send_reply(send: &mut quinn::SendStream, reply: &SyncReply) -> Result<(
     let payload = message::encode(reply).map_err(|e| SyncError::Malformed(e.to_string()))?;
     write_frame(send, &Frame::new(KIND_SYNC_REPLY, Bytes::from(payload))).await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::{Change, Timestamp, Value};
-
-    fn changeset(cell_bytes: usize) -> Changeset {
-        Changeset {
-            site: SiteId([1; 16]),
-            version: 3,
-            ts: Timestamp::default(),
-            seq_first: 0,
-            seq_last: 0,
-            last_seq: 0,
-            changes: vec![Change {
-                table: "t".into(),
-                pk: vec![0],
-                column: Some("c".into()),
-                value: Value::Blob(vec![7; cell_bytes]),
-                cl: 1,
-                seq: 0,
-            }],
-        }
-    }
-
-    #[test]
-    fn a_version_over_the_frame_limit_is_unservable_and_one_under_it_is_not() {
-        let small = changeset(1_000);
-        let size = small.changes[0].size_hint() + 64;
-        assert_eq!(unservable(&small, size, 64 << 10), None);
-        // Near the limit it is measured exactly: still fits.
-        assert_eq!(unservable(&small, size, 1_200), None);
-        let big = changeset(100_000);
-        let size = big.changes[0].size_hint() + 64;
-        let reason = unservable(&big, size, 64 << 10).expect("over the limit");
-        assert!(
-            reason.contains("over the sync frame limit of 65536"),
-            "{reason}"
-        );
-    }
 }

@@ -19,7 +19,9 @@ pub mod instep;
 pub mod known;
 pub mod membership;
 pub mod message;
+pub mod pack;
 pub mod quarantine;
+pub mod session;
 pub mod sync;
 
 pub use self::broadcast::Strategy;

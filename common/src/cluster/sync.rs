@@ -8,8 +8,8 @@
 //! up to a budget per session, then says whether it sent everything. If not, the client asks
 //! again at once, so a fresh node streams the whole region back to back.
 //!
-//! No I/O: the scheduler emits `Sync` actions; the session itself is run by the driver (or the
-//! simulator) with the functions here.
+//! No I/O: the scheduler emits `Sync` actions; the session itself is the state machine in
+//! `session`, built on the functions here, and run by the driver (or the simulator).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;

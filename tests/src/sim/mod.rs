@@ -6,8 +6,8 @@
 //! (`strata_regional::publish::logic::Publisher`) against an in-memory replica
 //! ([`replica::ModelReplica`]); the content of each version lives once, in the ledger. The
 //! simulator carries out their actions: packets and pushes travel with a random latency
-//! ([`network`]), applies wait in a bounded queue and take time ([`apply`]), sync sessions are
-//! served from the peer's replica with the production session's rules ([`session`]), and
+//! ([`network`]), applies wait in a bounded queue and take time ([`apply`]), sync sessions run
+//! the real session state machines against the replicas ([`session`]), and
 //! publishes go to a simulated globald ([`publisher`]). Time is the event queue ([`clock`]).
 //!
 //! [`checkers`] run at every apply and stop the run at the first broken invariant, naming the
@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use strata_common::cluster::message::{self, Changes, SyncReply, SyncRequest};
+use strata_common::cluster::session::{Fetch as Fetched, Fetching, Outcome, Serving};
 use strata_common::cluster::{Action, ClusterConfig, Core, Input, Member, Replica, Timer};
 use strata_common::store::{Change, Changeset, SiteId, Timestamp, Value};
 use strata_regional::publish::logic::{
@@ -79,10 +80,12 @@ impl Default for SimConfig {
 }
 
 /// A client sync session under way.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Fetch {
     session: u64,
     peer: usize,
+    /// The real client session.
+    fetching: Fetching,
     /// A frame was cut: the rest are ignored and the session times out.
     broken: bool,
 }
@@ -653,11 +656,12 @@ impl Sim {
                 reply,
             } => self.on_sync_frame(client, server, server_epoch, session, reply),
             Event::SyncTimeout { client, session } => {
-                let Some(fetch) = self.nodes[client].fetching else {
-                    return;
-                };
-                if fetch.session == session {
-                    self.nodes[client].fetching = None;
+                if self.nodes[client]
+                    .fetching
+                    .as_ref()
+                    .is_some_and(|f| f.session == session)
+                    && let Some(fetch) = self.nodes[client].fetching.take()
+                {
                     self.stats.syncs_failed += 1;
                     self.finish_sync(client, fetch.peer, false, true);
                 }
@@ -745,16 +749,15 @@ impl Sim {
         let node = &self.nodes[server];
         let frames = if node.busy || node.serving >= node.core.sync_config().serve_max {
             self.stats.syncs_busy += 1;
-            vec![SyncReply::Busy]
+            vec![Serving::busy()]
         } else {
             self.nodes[server].serving += 1;
             let node = &self.nodes[server];
-            session::serve(
-                &node.replica,
-                request,
-                node.core.sync_config(),
-                &self.ledger,
-            )
+            let limits = session::limits(node.core.sync_config());
+            match session::serve(&node.replica, request, limits, &self.ledger) {
+                Ok(frames) => frames,
+                Err(what) => return self.fail(server, what),
+            }
         };
         let counted = !matches!(frames.as_slice(), [SyncReply::Busy]);
         let server_epoch = self.nodes[server].epoch;
@@ -816,39 +819,37 @@ impl Sim {
         session: u64,
         reply: SyncReply,
     ) {
-        let Some(fetch) = self.nodes[client].fetching else {
+        let stream_broke = self.net.cut(client, server) || self.nodes[server].epoch != server_epoch;
+        let Some(fetch) = self.nodes[client].fetching.as_mut() else {
             return;
         };
         if fetch.session != session || fetch.broken {
             return;
         }
-        if self.net.cut(client, server) || self.nodes[server].epoch != server_epoch {
+        if stream_broke {
             // The stream broke (a partition, or the server died): the client times out.
             self.stats.cut += 1;
-            if let Some(f) = self.nodes[client].fetching.as_mut() {
-                f.broken = true;
-            }
+            fetch.broken = true;
             let timeout = self.net.config.sync_timeout;
             self.clock
                 .schedule(timeout, Event::SyncTimeout { client, session });
             return;
         }
-        match reply {
-            SyncReply::Changes(changesets) => {
+        let (complete, failed) = match fetch.fetching.on_reply(reply) {
+            Fetched::Apply(changesets) => {
                 self.stats.sync_frames += 1;
                 // The client session applies each frame itself, as the driver's does.
-                self.apply(client, changesets);
+                return self.apply(client, changesets);
             }
-            SyncReply::Unservable { .. } => {}
-            SyncReply::Done { complete } => {
-                self.nodes[client].fetching = None;
-                self.finish_sync(client, server, complete, false);
-            }
-            SyncReply::Busy => {
-                self.nodes[client].fetching = None;
-                self.finish_sync(client, server, false, true);
-            }
-        }
+            // Every simulated version fits a frame; quarantine is not simulated.
+            Fetched::Quarantine { .. } => return,
+            Fetched::Violation(what) => return self.fail(client, what),
+            Fetched::Done(Outcome::Complete) => (true, false),
+            Fetched::Done(Outcome::Partial) => (false, false),
+            Fetched::Done(Outcome::Busy) => (false, true),
+        };
+        self.nodes[client].fetching = None;
+        self.finish_sync(client, server, complete, failed);
     }
 
     /// Applies `changesets` to node `index`'s replica as the store would (a held version is
@@ -1046,9 +1047,15 @@ impl Sim {
                     self.stats.syncs += 1;
                     self.next_session += 1;
                     let session = self.next_session;
+                    let (fetching, request) = Fetching::new(
+                        self.nodes[peer].addr,
+                        &self.nodes[index].replica.states(),
+                        &[],
+                    );
                     self.nodes[index].fetching = Some(Fetch {
                         session,
                         peer,
+                        fetching,
                         broken: false,
                     });
                     if !self.nodes[peer].alive || self.net.cut(index, peer) {
@@ -1063,7 +1070,6 @@ impl Sim {
                         );
                         continue;
                     }
-                    let request = session::request(&self.nodes[index].replica);
                     let after = self.net.stream_latency();
                     self.clock.schedule(
                         after,

@@ -1,70 +1,71 @@
-//! Sync sessions in the simulator: the server answers from its in-memory replica, the client
-//! applies what comes back.
+//! Sync sessions in the simulator: the real session state machines
+//! (`strata_common::cluster::session`), answered from in-memory replicas.
 //!
-//! The server side keeps the production session's rules: what the client lacks
-//! (`sync::missing`), newest first, cut to the session budget and split into extraction windows
-//! (`sync::plan`), packed into `SyncReply::Changes` frames of at most `frame_bytes_max` bytes,
-//! then `Done`; a server already serving `serve_max` sessions answers `Busy`. Extraction reads
-//! the content of each version from the ledger, where it lives once.
+//! The server side is a real `Serving`: the simulator answers each `Extract` with the versions
+//! of the window the server's replica holds (their content read from the ledger, where it lives
+//! once) and sends each `Reply` as a frame; a server already serving `serve_max` sessions
+//! answers `Serving::busy()`. The client side is a real `Fetching`, kept by the node while the
+//! session runs; it says what to apply and how the session ended.
+
+use std::ops::RangeInclusive;
 
 use strata_common::cluster::Replica;
+use strata_common::cluster::driver::DriverOptions;
 use strata_common::cluster::message::{SyncReply, SyncRequest};
-use strata_common::cluster::sync::{self, SyncConfig};
-use strata_common::store::Changeset;
+use strata_common::cluster::session::{Serve, Serving, SessionLimits};
+use strata_common::cluster::sync::SyncConfig;
+use strata_common::store::{Changeset, SiteId, StoreOptions};
 
 use super::replica::{Ledger, ModelReplica};
 
-/// Versions one extraction reads at most while serving (the driver's `SYNC_WINDOW_VERSIONS`).
-pub const WINDOW_VERSIONS: u64 = 256;
+/// Steps one served session may take at most: a session that does not finish by then is a bug
+/// of the state machine, reported as a violation rather than a hung run.
+const SERVE_STEPS_MAX: usize = 1_000_000;
 
-/// Room per changeset in a frame besides its changes, bytes (as the driver counts it).
-const CHANGESET_OVERHEAD_BYTES: usize = 64;
-
-/// What the client sends first: its bookkeeping.
-pub fn request(replica: &ModelReplica) -> SyncRequest {
-    SyncRequest {
-        sites: replica.states(),
-    }
+/// The session limits a node serves with: its anti-entropy settings, the store's default chunk
+/// size and the driver's default frame limit, as production derives them.
+pub fn limits(config: &SyncConfig) -> SessionLimits {
+    SessionLimits::new(
+        config,
+        StoreOptions::default().chunk_bytes,
+        DriverOptions::default().frame_bytes_max,
+    )
 }
 
-/// The frames the server sends for `request`, `Done` last.
+/// The frames a real `Serving` sends for `request` from `server`'s replica, `Done` last.
 pub fn serve(
     server: &ModelReplica,
     request: &SyncRequest,
-    config: &SyncConfig,
+    limits: SessionLimits,
     ledger: &Ledger,
-) -> Vec<SyncReply> {
-    let missing = sync::missing(&server.states(), &request.sites);
-    let (windows, complete) = sync::plan(&missing, config.session_versions_max, WINDOW_VERSIONS);
+) -> Result<Vec<SyncReply>, String> {
+    let mut serving = Serving::new(request, &server.states(), limits);
     let mut frames = Vec::new();
-    let mut batch: Vec<Changeset> = Vec::new();
-    let mut size = 0;
-    for (site, range) in windows {
-        for version in range.rev() {
-            if !server.has(site, version) {
-                continue;
+    for _ in 0..SERVE_STEPS_MAX {
+        match serving.next() {
+            Serve::Extract { site, range } => {
+                serving.extracted(extract(server, site, range, ledger))
             }
-            let Some(written) = ledger.get(site, version) else {
-                continue;
-            };
-            let changeset = (*written.changeset).clone();
-            let bytes = changeset
-                .changes
-                .iter()
-                .map(|c| c.size_hint())
-                .sum::<usize>()
-                + CHANGESET_OVERHEAD_BYTES;
-            if size + bytes > config.frame_bytes_max && !batch.is_empty() {
-                frames.push(SyncReply::Changes(std::mem::take(&mut batch)));
-                size = 0;
-            }
-            size += bytes;
-            batch.push(changeset);
+            Serve::Reply(reply) => frames.push(reply),
+            Serve::Finish { .. } => return Ok(frames),
         }
     }
-    if !batch.is_empty() {
-        frames.push(SyncReply::Changes(batch));
-    }
-    frames.push(SyncReply::Done { complete });
-    frames
+    Err(format!(
+        "a served session did not finish in {SERVE_STEPS_MAX} steps ({} frames so far)",
+        frames.len()
+    ))
+}
+
+/// What the store's extraction returns: the versions of `range` held, ascending, whole.
+fn extract(
+    server: &ModelReplica,
+    site: SiteId,
+    range: RangeInclusive<u64>,
+    ledger: &Ledger,
+) -> Vec<Changeset> {
+    range
+        .filter(|v| server.has(site, *v))
+        .filter_map(|v| ledger.get(site, v))
+        .map(|written| (*written.changeset).clone())
+        .collect()
 }

@@ -45,6 +45,9 @@ use self::network::Network;
 use self::publisher::{Globald, PublishConfig};
 use self::replica::{Ledger, ModelReplica, Written};
 
+/// Changesets shared by the recipients of one broadcast.
+type Shared = Arc<Vec<Changeset>>;
+
 /// Time between two frames of one sync session on the wire.
 const FRAME_GAP: Duration = Duration::from_micros(100);
 
@@ -959,8 +962,8 @@ impl Sim {
     }
 
     fn perform(&mut self, index: usize, actions: Vec<Action>) {
-        // Encoded once per broadcast, shared by every recipient.
-        let mut encoded: Option<(Arc<Vec<Changeset>>, Arc<Vec<Changeset>>)> = None;
+        // Encoded once per broadcast, shared by every recipient: (as sent, as decoded).
+        let mut encoded: Option<(Shared, Shared)> = None;
         let mut members_changed = false;
         for action in actions {
             match action {

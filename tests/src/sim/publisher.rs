@@ -97,7 +97,7 @@ pub fn truth(ledger: &Ledger) -> AppMap {
 }
 
 fn count(map: &mut AppMap, app: &str) {
-    let counts = map.entry(app.to_string()).or_insert(Counts::default());
+    let counts: &mut Counts = map.entry(app.to_string()).or_default();
     counts.machines += 1;
     counts.started += 1;
 }

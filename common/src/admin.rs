@@ -23,6 +23,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+/// Re-exported where it used to live: the cluster driver still names it `admin::Readiness`
+/// (a known exception in `tests/layers.rs` until the driver imports it from `readiness`).
+pub use crate::readiness::Readiness;
 
 /// The content type of `/metrics`, as OpenMetrics 1.0 requires (the encoder writes `# EOF`).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -31,55 +34,6 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 /// How long in-flight requests may take to finish once shutdown is asked for. A scrape takes
 /// milliseconds; this bound only stops a stuck client from holding up the node's exit.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// Whether the node should receive traffic, as `/readyz` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Readiness {
-    /// True when the node serves reads and writes (database open, cluster joined, caught up).
-    pub ready: bool,
-    /// Why it is not ready (`catching up with 3 peers`); shown by `/readyz` when `ready` is
-    /// false, ignored otherwise. Every reason of `reasons`, joined by `; `.
-    pub reason: String,
-    /// Each reason it is not ready, most severe first; empty when ready.
-    pub reasons: Vec<String>,
-}
-
-impl Readiness {
-    /// Ready.
-    pub fn ready() -> Readiness {
-        Readiness {
-            ready: true,
-            reason: String::new(),
-            reasons: Vec::new(),
-        }
-    }
-
-    /// Not ready, for `reason`.
-    pub fn not_ready(reason: impl Into<String>) -> Readiness {
-        let reason = reason.into();
-        Readiness {
-            ready: false,
-            reasons: vec![reason.clone()],
-            reason,
-        }
-    }
-
-    /// Not ready, for each of `reasons`.
-    pub fn not_ready_for(reasons: Vec<String>) -> Readiness {
-        Readiness {
-            ready: false,
-            reason: reasons.join("; "),
-            reasons,
-        }
-    }
-}
-
-impl Default for Readiness {
-    /// Not ready: `starting`.
-    fn default() -> Readiness {
-        Readiness::not_ready("starting")
-    }
-}
 
 /// What every handler needs; cloned per request (two reference counts).
 #[derive(Clone)]

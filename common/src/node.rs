@@ -665,7 +665,12 @@ impl ReadinessSources {
         readiness::Inputs {
             alone: self.alone,
             caught_up: view.caught_up,
-            step: view.step,
+            step: readiness::Step {
+                joined: view.step.joined,
+                known: view.step.known,
+                known_live: view.step.known_live,
+                catch_up_pending: view.step.catch_up_pending,
+            },
             members: view.members.len(),
             had_members: view.had_members,
             sync_failing_for: view.sync_failing_since.map(|since| since.elapsed()),

@@ -1,4 +1,4 @@
-//! The admin HTTP listener: `GET /metrics` (OpenMetrics text of the node's [`Metrics`]),
+//! The admin HTTP listener: `GET /metrics` (OpenMetrics text of the node's [`MetricsRegistry`]),
 //! `GET /healthz` (liveness) and `GET /readyz` (readiness, with the reason when not ready).
 //!
 //! It owns the routes, their status codes and bodies, and the listener's shutdown. It decides
@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::metrics::MetricsRegistry;
 /// Re-exported where it used to live: the cluster driver still names it `admin::Readiness`
 /// (a known exception in `tests/layers.rs` until the driver imports it from `readiness`).
 pub use crate::readiness::Readiness;
@@ -38,7 +38,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// What every handler needs; cloned per request (two reference counts).
 #[derive(Clone)]
 struct AdminState {
-    metrics: Arc<Metrics>,
+    metrics: Arc<MetricsRegistry>,
     readiness: watch::Receiver<Readiness>,
 }
 
@@ -56,7 +56,7 @@ struct AdminState {
 /// retried inside (by axum), so a running listener returns `Ok(())` once shut down.
 pub async fn serve(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
+    metrics: Arc<MetricsRegistry>,
     readiness: watch::Receiver<Readiness>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -239,9 +239,11 @@ mod tests {
     }
 
     async fn start() -> Running {
-        let metrics = Arc::new(Metrics::new("n1", "regional", "eu-west"));
+        let mut builder = crate::metrics::MetricsBuilder::new("n1", "regional", "eu-west");
+        let cluster = crate::metrics::Metrics::register(&mut builder);
+        let metrics = Arc::new(builder.finish());
         metrics.add_source(Box::new(StoreSource));
-        metrics.datagrams_sent.inc_by(5);
+        cluster.datagrams_sent.inc_by(5);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (readiness, readiness_rx) = watch::channel(Readiness::default());

@@ -9,6 +9,10 @@
 
 use std::time::Duration;
 
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::metrics::{MetricsBuilder, ReasonLabel};
 use crate::store::StoreHealth;
 
 /// The writer may take this long on one group while requests wait behind it before the node
@@ -240,6 +244,44 @@ pub fn evaluate(inputs: &Inputs) -> (Readiness, Vec<Reason>) {
         Readiness::not_ready_for(texts)
     };
     (readiness, kinds)
+}
+
+/// The readiness gauges.
+#[derive(Debug, Clone)]
+pub struct ReadinessMetrics {
+    /// `strata_ready`: 1 when the node serves reads, else 0.
+    pub ready: Gauge,
+    /// `strata_not_ready{reason}`: 1 while `reason` keeps the node not ready, else 0; reasons
+    /// come from a fixed list ([`Reason::label`]).
+    pub not_ready: Family<ReasonLabel, Gauge>,
+}
+
+impl ReadinessMetrics {
+    /// Registers the readiness gauges with `b`.
+    pub fn register(b: &mut MetricsBuilder) -> ReadinessMetrics {
+        ReadinessMetrics {
+            ready: b.add(
+                "ready",
+                "1 when the node serves reads, else 0",
+                Gauge::default(),
+            ),
+            not_ready: b.add(
+                "not_ready",
+                "1 while this reason keeps the node not ready, else 0",
+                Family::default(),
+            ),
+        }
+    }
+
+    /// Sets the gauges from one [`evaluate`]: every reason's gauge, 1 for those in `reasons`.
+    pub fn set(&self, state: &Readiness, reasons: &[Reason]) {
+        self.ready.set(i64::from(state.ready));
+        for reason in Reason::ALL {
+            self.not_ready
+                .get_or_create(&ReasonLabel::new(reason.label()))
+                .set(i64::from(reasons.contains(&reason)));
+        }
+    }
 }
 
 #[cfg(test)]

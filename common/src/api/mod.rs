@@ -14,6 +14,7 @@
 //! whoever reaches it, which `config` allows off loopback only when told explicitly.
 
 pub mod convert;
+pub mod metrics;
 mod service;
 pub mod status;
 pub mod subscribe;

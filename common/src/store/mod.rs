@@ -34,6 +34,7 @@ mod extract;
 mod hlc;
 mod local;
 mod meta;
+pub mod metrics;
 mod pin;
 mod readers;
 mod schema;

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterConfig;
 use crate::store::{Durability, StoreOptions};
+/// The log format is telemetry's; `[log] format` names it.
+pub use crate::telemetry::LogFormat;
 use crate::transport::Tier;
 
 /// Why a configuration could not be loaded.
@@ -277,16 +279,6 @@ impl Default for LogSection {
             filter: "info".into(),
         }
     }
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// The event-loop watchdog.

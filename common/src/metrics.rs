@@ -1,10 +1,15 @@
-//! The node's Prometheus metrics: one [`Metrics`] value per node, built on an explicit
-//! `prometheus-client` [`Registry`], so several nodes in one test process never share a series.
+//! The node's Prometheus metrics registry and what every layer's metrics are made of: one
+//! [`MetricsRegistry`] per node, built on an explicit `prometheus-client` [`Registry`], so
+//! several nodes in one test process never share a series.
 //!
-//! It owns the metric names, their help texts, units and bucket bounds, the label types, and the
-//! OpenMetrics text exposition ([`Metrics::encode`]). Counters and gauges that live elsewhere
-//! (the store's bookkeeping, the transport's path statistics) are exported through
-//! [`MetricSource`]: read at scrape time, never copied on a hot path.
+//! Each layer owns its series in a struct of its own, registered through a [`MetricsBuilder`]:
+//! the API's in `api::metrics`, readiness's in `readiness`, the certificates' in
+//! `transport::metrics`, the cluster driver's in [`Metrics`] here (for now). Counters and gauges
+//! kept elsewhere (the store's bookkeeping, the transport's path statistics) are exported
+//! through [`MetricSource`]s (`store::metrics`, `transport::metrics`): read at scrape time,
+//! never copied on a hot path. Node assembly (`node::NodeMetrics`) is the one place that
+//! registers them all. This module owns the shared label and sample types, the naming rules,
+//! and the OpenMetrics text exposition ([`MetricsRegistry::encode`]).
 //!
 //! Rules it keeps:
 //! - Every name starts with `strata_`, carries its base unit (`_seconds`, `_bytes`) and, for
@@ -38,7 +43,7 @@ const PREFIX: &str = "strata";
 /// range between a single broadcast changeset and a large anti-entropy chunk.
 const APPLY_BATCH_CHANGESETS_BUCKETS: u16 = 15;
 
-/// Upper bounds of [`Metrics::apply_seconds`] and [`Metrics::api_request_seconds`], 0.1 ms to
+/// Upper bounds of [`Metrics::apply_seconds`] and the API's request durations, 0.1 ms to
 /// 10 s: 1-2.5-5 steps per decade (about ×2.15 each), so the `le` labels stay readable.
 const SECONDS_BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -186,23 +191,6 @@ pub struct RoleLabel {
     pub role: Role,
 }
 
-/// Labels of [`Metrics::api_requests`]: `method` and `code`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ApiLabels {
-    /// The gRPC method's name (`Transact`, `Query`, ...): a fixed list.
-    pub method: &'static str,
-    /// The status code's name as the gRPC spec writes it (`OK`, `INVALID_ARGUMENT`,
-    /// `RESOURCE_EXHAUSTED`, ...). Never the status message.
-    pub code: &'static str,
-}
-
-/// Labels of [`Metrics::api_request_seconds`]: `method`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct MethodLabel {
-    /// The gRPC method's name (`Transact`, `Query`, ...): a fixed list.
-    pub method: &'static str,
-}
-
 impl EventLabel {
     /// `event="up"`.
     pub fn up() -> EventLabel {
@@ -259,30 +247,6 @@ impl RoleLabel {
     }
 }
 
-impl ApiLabels {
-    /// `method="<method>",code="<code>"`; `code` is the gRPC spec's name (`OK`,
-    /// `INVALID_ARGUMENT`, ...), see [`ApiLabels::code`].
-    pub fn new(method: &'static str, code: &'static str) -> ApiLabels {
-        ApiLabels { method, code }
-    }
-}
-
-impl MethodLabel {
-    /// `method="<method>"`.
-    pub fn new(method: &'static str) -> MethodLabel {
-        MethodLabel { method }
-    }
-}
-
-/// Labels of [`Metrics::certificate_expiry_seconds`] and [`Metrics::certificate_expiring`]:
-/// `certificate`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct CertLabel {
-    /// Which configured certificate: `gossip`, `api`, `publish`, `route`, or their CAs
-    /// (`gossip_ca`, ...): a fixed list.
-    pub certificate: &'static str,
-}
-
 /// Labels of `strata_build_info`: per-process constants, so one series per process.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BuildInfoLabels {
@@ -335,7 +299,8 @@ impl<T: MetricSource> MetricSource for Arc<T> {
     }
 }
 
-/// Every metric of one node.
+/// The cluster driver's series (the lead moves them under `cluster/` once the driver's split
+/// has landed).
 ///
 /// The fields are handles: updating one is an atomic operation, and cloning one yields
 /// another handle to the same series. Share the whole value as `Arc<Metrics>`.
@@ -395,32 +360,8 @@ pub struct Metrics {
     /// `strata_peer_queue_depth`: messages queued for peers, all peers together.
     pub peer_queue_depth: Gauge,
 
-    /// `strata_api_requests_total{method,code}`: gRPC requests finished.
-    pub api_requests: Family<ApiLabels, Counter>,
-    /// `strata_api_request_seconds{method}`: gRPC request duration.
-    pub api_request_seconds: Family<MethodLabel, Histogram>,
-
-    /// `strata_subscriptions`: distinct subscribed queries.
-    pub subscriptions: Gauge,
-    /// `strata_subscribers`: open subscription streams.
-    pub subscribers: Gauge,
-    /// `strata_subscribers_cut_total`: subscribers cut off for being too slow.
-    pub subscribers_cut: Counter,
-
-    /// `strata_certificate_expiry_seconds{certificate}`: seconds until the certificate in use
-    /// expires (negative once it has).
-    pub certificate_expiry_seconds: Family<CertLabel, Gauge>,
-    /// `strata_certificate_expiring{certificate}`: 1 when within the warning threshold or
-    /// expired, else 0.
-    pub certificate_expiring: Family<CertLabel, Gauge>,
-
-    /// `strata_ready`: 1 when the node serves reads, else 0.
-    pub ready: Gauge,
     /// `strata_caught_up`: 1 once the node has caught up with its peers, else 0.
     pub caught_up: Gauge,
-    /// `strata_not_ready{reason}`: 1 while `reason` keeps the node not ready, else 0; reasons
-    /// come from a fixed list (`readiness::Reason::label`).
-    pub not_ready: Family<ReasonLabel, Gauge>,
 
     /// `strata_quarantined_versions`: versions this node could not apply or fetch, waiting for
     /// their next attempt.
@@ -432,37 +373,11 @@ pub struct Metrics {
     /// `strata_sync_unservable_total`: versions skipped while serving sync because they do not
     /// fit a frame.
     pub sync_unservable: Counter,
-
-    /// Everything above, plus `strata_build_info` and the collectors; immutable after `new`.
-    registry: Registry,
-    /// The sources added with [`Metrics::add_source`], shared with the collector that reads them.
-    sources: Arc<Mutex<Vec<Arc<dyn MetricSource>>>>,
 }
 
 impl Metrics {
-    /// Creates a node's metrics and registers `strata_build_info{version,node,tier,region} 1`.
-    /// `node`, `tier` and `region` are constants of the process, so they appear there only.
-    pub fn new(node: &str, tier: &str, region: &str) -> Metrics {
-        let mut b = Builder {
-            registry: Registry::with_prefix(PREFIX),
-            names: HashSet::new(),
-        };
-
-        let build_info = b.add(
-            "build_info",
-            "Build and identity of this process (always 1)",
-            Family::<BuildInfoLabels, Gauge>::default(),
-        );
-        build_info
-            .get_or_create(&BuildInfoLabels {
-                version: env!("CARGO_PKG_VERSION"),
-                node: node.to_owned(),
-                tier: tier.to_owned(),
-                region: region.to_owned(),
-            })
-            .set(1);
-
-        let sources = Arc::new(Mutex::new(Vec::new()));
+    /// Registers the cluster driver's series with `b` (node assembly does this once per node).
+    pub fn register(b: &mut MetricsBuilder) -> Metrics {
         let replication_lag_max_ms = Gauge::default();
         let metrics = Metrics {
             members: b.add(
@@ -587,56 +502,10 @@ impl Metrics {
                 Gauge::default(),
             ),
 
-            api_requests: b.add(
-                "api_requests",
-                "gRPC requests finished, by method and status code",
-                Family::default(),
-            ),
-            api_request_seconds: b.add_with_unit(
-                "api_request",
-                "gRPC request duration, by method",
-                Unit::Seconds,
-                Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
-            ),
-
-            subscriptions: b.add(
-                "subscriptions",
-                "Distinct subscribed queries",
-                Gauge::default(),
-            ),
-            subscribers: b.add("subscribers", "Open subscription streams", Gauge::default()),
-            subscribers_cut: b.add(
-                "subscribers_cut",
-                "Subscribers cut off for being too slow",
-                Counter::default(),
-            ),
-
-            certificate_expiry_seconds: b.add_with_unit(
-                "certificate_expiry",
-                "Seconds until the certificate in use expires, by certificate",
-                Unit::Seconds,
-                Family::default(),
-            ),
-            certificate_expiring: b.add(
-                "certificate_expiring",
-                "1 when the certificate is within the warning threshold or expired, by certificate",
-                Family::default(),
-            ),
-
-            ready: b.add(
-                "ready",
-                "1 when the node serves reads, else 0",
-                Gauge::default(),
-            ),
             caught_up: b.add(
                 "caught_up",
                 "1 once the node has caught up with its peers, else 0",
                 Gauge::default(),
-            ),
-            not_ready: b.add(
-                "not_ready",
-                "1 while this reason keeps the node not ready, else 0",
-                Family::default(),
             ),
             quarantined_versions: b.add(
                 "quarantined_versions",
@@ -658,33 +527,22 @@ impl Metrics {
                 "Versions skipped while serving sync because they do not fit a frame",
                 Counter::default(),
             ),
-
-            registry: b.finish(replication_lag_max_ms, Arc::clone(&sources)),
-            sources,
         };
+        // The milliseconds gauge is set by the driver; the exposition converts it to base units.
+        b.add_collector(
+            "replication_lag_max_seconds",
+            Box::new(LagMaxCollector {
+                gauge_ms: replication_lag_max_ms,
+            }),
+        );
         metrics.zero_known_series();
         metrics
     }
 
-    /// Exports the samples of `source`, read at every scrape from now on.
-    pub fn add_source(&self, source: Box<dyn MetricSource>) {
-        lock_sources(&self.sources).push(Arc::from(source));
-    }
-
-    /// The OpenMetrics text exposition of every metric, ending in `# EOF`.
-    ///
-    /// Encoding into a `String` fails only if a metric refuses to encode, which none here
-    /// does; if it ever happens the failure is logged and an empty exposition returned, rather
-    /// than a truncated one that a scraper would misread.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            Ok(()) => out,
-            Err(error) => {
-                tracing::error!(%error, "could not encode the metrics");
-                "# EOF\n".to_owned()
-            }
-        }
+    /// The driver's series registered nowhere: updates work and are never exposed (for tests
+    /// and the simulator, which drive the cluster without a node).
+    pub fn unregistered() -> Metrics {
+        Metrics::register(&mut MetricsBuilder::new("", "", ""))
     }
 
     /// Creates the series of every fixed label combination at zero, so that dashboards and
@@ -722,8 +580,8 @@ impl Metrics {
     }
 }
 
-/// A fresh histogram with [`SECONDS_BUCKETS`], for [`Metrics::api_request_seconds`].
-fn seconds_histogram() -> Histogram {
+/// A fresh histogram with [`SECONDS_BUCKETS`], for families of durations.
+pub fn seconds_histogram() -> Histogram {
     Histogram::new(SECONDS_BUCKETS)
 }
 
@@ -734,22 +592,48 @@ fn lock_sources(
     sources.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Registers metrics and remembers their exposed family names, so that a source cannot reuse one.
-struct Builder {
+/// Where each layer registers its series while a node is assembled: it remembers their exposed
+/// family names, so that no two layers (and no [`MetricSource`]) expose the same one.
+pub struct MetricsBuilder {
     registry: Registry,
     /// Family names as exposed, without the prefix: `members`, `apply_seconds`.
     names: HashSet<String>,
 }
 
-impl Builder {
-    fn add<M: Metric + Clone>(&mut self, name: &str, help: &str, metric: M) -> M {
+impl MetricsBuilder {
+    /// A builder whose registry already holds `strata_build_info{version,node,tier,region} 1`.
+    /// `node`, `tier` and `region` are constants of the process, so they appear there only.
+    pub fn new(node: &str, tier: &str, region: &str) -> MetricsBuilder {
+        let mut b = MetricsBuilder {
+            registry: Registry::with_prefix(PREFIX),
+            names: HashSet::new(),
+        };
+        let build_info = b.add(
+            "build_info",
+            "Build and identity of this process (always 1)",
+            Family::<BuildInfoLabels, Gauge>::default(),
+        );
+        build_info
+            .get_or_create(&BuildInfoLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                node: node.to_owned(),
+                tier: tier.to_owned(),
+                region: region.to_owned(),
+            })
+            .set(1);
+        b
+    }
+
+    /// Registers `metric` as `strata_<name>` and returns it (a handle to the same series).
+    pub fn add<M: Metric + Clone>(&mut self, name: &str, help: &str, metric: M) -> M {
         let fresh = self.names.insert(name.to_owned());
         debug_assert!(fresh, "metric {name} registered twice");
         self.registry.register(name, help, metric.clone());
         metric
     }
 
-    fn add_with_unit<M: Metric + Clone>(
+    /// Registers `metric` as `strata_<name>_<unit>` and returns it.
+    pub fn add_with_unit<M: Metric + Clone>(
         &mut self,
         name: &str,
         help: &str,
@@ -763,23 +647,58 @@ impl Builder {
         metric
     }
 
-    /// Adds the collectors (the lag in seconds, then the sources) and returns the registry.
-    fn finish(
-        mut self,
-        lag_max_ms: Gauge,
-        sources: Arc<Mutex<Vec<Arc<dyn MetricSource>>>>,
-    ) -> Registry {
-        // The milliseconds gauge is set by others; the exposition converts it to base units.
-        self.names.insert("replication_lag_max_seconds".to_owned());
-        self.registry.register_collector(Box::new(LagMaxCollector {
-            gauge_ms: lag_max_ms,
-        }));
+    /// Registers a collector that exposes the family `strata_<exposed>`.
+    pub fn add_collector(&mut self, exposed: &str, collector: Box<dyn Collector>) {
+        let fresh = self.names.insert(exposed.to_owned());
+        debug_assert!(fresh, "metric {exposed} registered twice");
+        self.registry.register_collector(collector);
+    }
+
+    /// Adds the collector of the [`MetricSource`]s and returns the finished registry.
+    pub fn finish(mut self) -> MetricsRegistry {
+        let sources = Arc::new(Mutex::new(Vec::new()));
         // Last, so that `reserved` holds every other name.
         self.registry.register_collector(Box::new(SourceCollector {
-            sources,
+            sources: Arc::clone(&sources),
             reserved: self.names,
         }));
-        self.registry
+        MetricsRegistry {
+            registry: self.registry,
+            sources,
+        }
+    }
+}
+
+/// Every series of one node, as the layers registered them, and the sources read at scrape
+/// time: what `/metrics` renders. Share it as `Arc<MetricsRegistry>`.
+#[derive(Debug)]
+pub struct MetricsRegistry {
+    /// Every layer's families, `strata_build_info` and the collectors; immutable once built.
+    registry: Registry,
+    /// The sources added with [`MetricsRegistry::add_source`], shared with their collector.
+    sources: Arc<Mutex<Vec<Arc<dyn MetricSource>>>>,
+}
+
+impl MetricsRegistry {
+    /// Exports the samples of `source`, read at every scrape from now on.
+    pub fn add_source(&self, source: Box<dyn MetricSource>) {
+        lock_sources(&self.sources).push(Arc::from(source));
+    }
+
+    /// The OpenMetrics text exposition of every metric, ending in `# EOF`.
+    ///
+    /// Encoding into a `String` fails only if a metric refuses to encode, which none here
+    /// does; if it ever happens the failure is logged and an empty exposition returned, rather
+    /// than a truncated one that a scraper would misread.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            Ok(()) => out,
+            Err(error) => {
+                tracing::error!(%error, "could not encode the metrics");
+                "# EOF\n".to_owned()
+            }
+        }
     }
 }
 
@@ -935,6 +854,13 @@ mod tests {
         }
     }
 
+    /// A registry with the cluster's series, as a node registers them.
+    fn registered(node: &str) -> (MetricsRegistry, Metrics) {
+        let mut b = MetricsBuilder::new(node, "regional", "eu-west");
+        let metrics = Metrics::register(&mut b);
+        (b.finish(), metrics)
+    }
+
     fn sample(name: &'static str, kind: SampleKind, value: f64) -> Sample {
         Sample {
             name,
@@ -954,18 +880,7 @@ mod tests {
 
     #[test]
     fn exposition_has_every_metric_with_prefix_units_and_eof() {
-        let metrics = Metrics::new("n1", "regional", "eu-west");
-        metrics
-            .api_requests
-            .get_or_create(&ApiLabels {
-                method: "Transact",
-                code: "OK",
-            })
-            .inc();
-        metrics
-            .api_request_seconds
-            .get_or_create(&MethodLabel { method: "Transact" })
-            .observe(0.003);
+        let (registry, metrics) = registered("n1");
         metrics
             .datagrams_dropped
             .get_or_create(&ReasonLabel {
@@ -978,7 +893,8 @@ mod tests {
                 reason: "queue_full",
             })
             .inc();
-        let text = metrics.encode();
+        metrics.apply_seconds.observe(0.003);
+        let text = registry.encode();
 
         assert!(text.ends_with("# EOF\n"), "{text}");
         let names: Vec<&str> = families(&text).iter().map(|(name, _)| *name).collect();
@@ -1006,12 +922,6 @@ mod tests {
             "strata_sync_sessions",
             "strata_sync_sessions_active",
             "strata_peer_queue_depth",
-            "strata_api_requests",
-            "strata_api_request_seconds",
-            "strata_subscriptions",
-            "strata_subscribers",
-            "strata_subscribers_cut",
-            "strata_ready",
             "strata_caught_up",
         ] {
             assert!(names.contains(&expected), "{expected} missing from\n{text}");
@@ -1032,13 +942,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("strata_api_requests_total{method=\"Transact\",code=\"OK\"} 1\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "strata_api_request_seconds_bucket{le=\"0.005\",method=\"Transact\"} 1\n"
-            ),
+            text.contains("strata_apply_seconds_bucket{le=\"0.005\"} 1\n"),
             "{text}"
         );
         assert!(
@@ -1053,7 +957,7 @@ mod tests {
 
     #[test]
     fn every_counter_sample_ends_in_total() {
-        let metrics = Metrics::new("n1", "regional", "eu-west");
+        let (metrics, _) = registered("n1");
         metrics.add_source(Box::new(Fixed(vec![sample(
             "strata_wal_checkpoints",
             SampleKind::Counter,
@@ -1071,7 +975,7 @@ mod tests {
 
     #[test]
     fn fixed_label_combinations_start_at_zero_in_lower_case() {
-        let text = Metrics::new("n1", "regional", "eu-west").encode();
+        let text = registered("n1").0.encode();
         for line in [
             "strata_member_events_total{event=\"up\"} 0",
             "strata_member_events_total{event=\"down\"} 0",
@@ -1090,7 +994,7 @@ mod tests {
 
     #[test]
     fn updates_show_in_the_exposition() {
-        let metrics = Metrics::new("n1", "regional", "eu-west");
+        let (registry, metrics) = registered("n1");
         metrics.members.set(4);
         metrics
             .member_events
@@ -1111,7 +1015,7 @@ mod tests {
             .inc();
         metrics.apply_seconds.observe(0.0002);
         metrics.replication_lag_max_ms.set(1250);
-        let text = metrics.encode();
+        let text = registry.encode();
         for line in [
             "strata_members 4",
             "strata_member_events_total{event=\"down\"} 1",
@@ -1130,9 +1034,9 @@ mod tests {
 
     #[test]
     fn nodes_in_one_process_do_not_share_series() {
-        let a = Metrics::new("a", "regional", "eu-west");
-        let b = Metrics::new("b", "regional", "eu-west");
-        a.datagrams_sent.inc_by(7);
+        let (a, a_series) = registered("a");
+        let (b, _) = registered("b");
+        a_series.datagrams_sent.inc_by(7);
         assert!(a.encode().contains("strata_datagrams_sent_total 7\n"));
         assert!(b.encode().contains("strata_datagrams_sent_total 0\n"));
     }
@@ -1161,7 +1065,7 @@ mod tests {
             }
         }
 
-        let metrics = Metrics::new("n1", "regional", "eu-west");
+        let (metrics, _) = registered("n1");
         metrics.add_source(Box::new(Shared(Arc::clone(&live))));
         metrics.add_source(Box::new(Fixed(vec![sample(
             "strata_store_commits",
@@ -1184,7 +1088,7 @@ mod tests {
 
     #[test]
     fn bad_samples_are_left_out_not_encoded() {
-        let metrics = Metrics::new("n1", "regional", "eu-west");
+        let (metrics, _) = registered("n1");
         metrics.add_source(Box::new(Fixed(vec![
             sample("strata_members", SampleKind::Gauge, 1.0),
             sample("strata_apply_seconds", SampleKind::Gauge, 1.0),

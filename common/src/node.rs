@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
+use crate::api::metrics::{ApiMetrics, ApiTlsSource};
 use crate::api::{
     self, StrataService,
     subscribe::{Hub, HubConfig},
@@ -26,13 +27,16 @@ use crate::api::{
 use crate::cluster::driver::{self, DriverOptions};
 use crate::cluster::{Cluster, ClusterView, Core, Member};
 use crate::config::{NodeConfig, TlsSection};
-use crate::metrics::{CertLabel, MetricSource, Metrics, ReasonLabel, Sample, SampleKind};
+use crate::metrics::{Metrics, MetricsBuilder, MetricsRegistry};
 use crate::readiness;
+use crate::readiness::ReadinessMetrics;
+use crate::store::metrics::StoreSource;
 use crate::store::{Schema, Store, StoreError, WallClock};
+use crate::transport::metrics::{CertMetrics, TransportSource};
 use crate::transport::{
-    CertState, CertStatus, CertWatcher, ChainCheck, LoadedTls, PeerIdentity, Tier, TlsConfig,
-    TlsFiles, Transport, TransportError, TransportOptions, TransportStats, WatchOptions,
-    WatchedCert, load_checked_with,
+    CertStatus, CertWatcher, ChainCheck, LoadedTls, PeerIdentity, Tier, TlsConfig, TlsFiles,
+    Transport, TransportError, TransportOptions, TransportStats, WatchOptions, WatchedCert,
+    load_checked_with,
 };
 
 /// How long shutdown waits for tasks to finish before giving up on them.
@@ -51,6 +55,41 @@ pub struct NodeSpec {
     pub default_schema: &'static str,
     /// The daemon's own services and background work.
     pub extra: Extra,
+}
+
+/// Every layer's metrics of one node, registered in this one place: each layer owns its struct
+/// (the cluster driver's [`Metrics`], the API's, readiness's, the certificates'), and the
+/// sources read at scrape time (store, transport, API TLS, a daemon's own) are added to
+/// [`NodeMetrics::registry`] once their owners exist.
+pub struct NodeMetrics {
+    /// What `/metrics` renders.
+    pub registry: Arc<MetricsRegistry>,
+    /// The cluster driver's series.
+    pub cluster: Arc<Metrics>,
+    /// The API's series.
+    pub api: Arc<ApiMetrics>,
+    /// The readiness gauges.
+    pub readiness: ReadinessMetrics,
+    /// The certificates' expiry gauges.
+    pub certificates: CertMetrics,
+}
+
+impl NodeMetrics {
+    /// Registers every layer's series for the node `identity` (`strata_build_info` names it).
+    pub fn new(identity: &PeerIdentity) -> NodeMetrics {
+        let mut b = MetricsBuilder::new(&identity.node, identity.tier.as_str(), &identity.region);
+        let cluster = Arc::new(Metrics::register(&mut b));
+        let api = Arc::new(ApiMetrics::register(&mut b));
+        let certificates = CertMetrics::register(&mut b);
+        let readiness = ReadinessMetrics::register(&mut b);
+        NodeMetrics {
+            registry: Arc::new(b.finish()),
+            cluster,
+            api,
+            readiness,
+            certificates,
+        }
+    }
 }
 
 /// Why a node could not start.
@@ -128,8 +167,8 @@ pub struct Services<'a> {
     pub store: &'a Store,
     /// The cluster driver's view.
     pub cluster: &'a Cluster,
-    /// The node's metrics.
-    pub metrics: &'a Arc<Metrics>,
+    /// The node's metrics registry (a daemon adds its own sources to it).
+    pub metrics: &'a Arc<MetricsRegistry>,
     /// This node's certificate identity.
     pub identity: &'a PeerIdentity,
     /// The node's configuration.
@@ -148,8 +187,8 @@ pub struct Node {
     pub store: Store,
     /// The cluster driver's view.
     pub cluster: Cluster,
-    /// The node's metrics.
-    pub metrics: Arc<Metrics>,
+    /// The node's metrics registry: every layer's series, rendered by `/metrics`.
+    pub metrics: Arc<MetricsRegistry>,
     /// This node's certificate identity.
     pub identity: PeerIdentity,
     transport: Transport,
@@ -212,11 +251,8 @@ impl Node {
 
         let transport = Transport::bind(config.gossip.listen, tls, TransportOptions::default())?;
         let gossip_addr = transport.local_addr();
-        let metrics = Arc::new(Metrics::new(
-            &identity.node,
-            identity.tier.as_str(),
-            &identity.region,
-        ));
+        let layers = NodeMetrics::new(&identity);
+        let metrics = Arc::clone(&layers.registry);
         metrics.add_source(Box::new(StoreSource(store.clone())));
         metrics.add_source(Box::new(TransportSource(transport.clone())));
         if let Some(api_tls) = &api_tls {
@@ -244,7 +280,7 @@ impl Node {
             core,
             transport.clone(),
             store.clone(),
-            Arc::clone(&metrics),
+            Arc::clone(&layers.cluster),
             DriverOptions::default(),
             cancel.clone(),
             tracker.clone(),
@@ -258,7 +294,7 @@ impl Node {
                 history: config.api.subscription_history,
                 query_timeout: std::time::Duration::from_millis(config.api.query_timeout_ms),
             },
-            Arc::clone(&metrics),
+            Arc::clone(&layers.api),
             tracker.clone(),
             cancel.clone(),
         );
@@ -273,7 +309,8 @@ impl Node {
             store: store.clone(),
             cluster: cluster.clone(),
             hub,
-            metrics: Arc::clone(&metrics),
+            metrics: Arc::clone(&layers.api),
+            replication_lag_max_ms: layers.cluster.replication_lag_max_ms.clone(),
             config: config.api.clone(),
             me: identity.clone(),
         };
@@ -321,13 +358,17 @@ impl Node {
 
         let certificates = Arc::new(Mutex::new(Vec::new()));
         let mut watcher = certs.watcher(&config, &transport, api_tls.as_ref());
-        publish_cert_status(&metrics, &certificates, watcher.poll(SystemTime::now()));
+        publish_cert_status(
+            &layers.certificates,
+            &certificates,
+            watcher.poll(SystemTime::now()),
+        );
         crate::telemetry::spawn(
             &tracker,
             watch_certificates(
                 watcher,
                 Duration::from_millis(config.certificates.reload_interval_ms.max(1)),
-                Arc::clone(&metrics),
+                layers.certificates.clone(),
                 Arc::clone(&certificates),
                 cancel.clone(),
             ),
@@ -359,7 +400,7 @@ impl Node {
                     alone: seeds.is_empty() && known.is_empty(),
                     api_serving,
                 },
-                Arc::clone(&metrics),
+                layers.readiness.clone(),
                 cancel.clone(),
             ),
         );
@@ -543,7 +584,7 @@ impl CheckedCerts {
 async fn watch_certificates(
     watcher: CertWatcher,
     interval: Duration,
-    metrics: Arc<Metrics>,
+    metrics: CertMetrics,
     status: Arc<Mutex<Vec<CertStatus>>>,
     cancel: CancellationToken,
 ) {
@@ -572,23 +613,11 @@ async fn watch_certificates(
 }
 
 fn publish_cert_status(
-    metrics: &Metrics,
+    metrics: &CertMetrics,
     status: &Mutex<Vec<CertStatus>>,
     statuses: Vec<CertStatus>,
 ) {
-    for s in &statuses {
-        let label = CertLabel {
-            certificate: s.label,
-        };
-        metrics
-            .certificate_expiry_seconds
-            .get_or_create(&label)
-            .set(s.seconds_left);
-        metrics
-            .certificate_expiring
-            .get_or_create(&label)
-            .set(i64::from(s.state != CertState::Valid));
-    }
+    metrics.publish(&statuses);
     *status.lock().unwrap_or_else(PoisonError::into_inner) = statuses;
 }
 
@@ -665,7 +694,12 @@ impl ReadinessSources {
         readiness::Inputs {
             alone: self.alone,
             caught_up: view.caught_up,
-            step: view.step,
+            step: readiness::Step {
+                joined: view.step.joined,
+                known: view.step.known,
+                known_live: view.step.known_live,
+                catch_up_pending: view.step.catch_up_pending,
+            },
             members: view.members.len(),
             had_members: view.had_members,
             sync_failing_for: view.sync_failing_since.map(|since| since.elapsed()),
@@ -682,7 +716,7 @@ impl ReadinessSources {
 /// each change once.
 async fn follow_readiness(
     sources: ReadinessSources,
-    metrics: Arc<Metrics>,
+    metrics: ReadinessMetrics,
     cancel: CancellationToken,
 ) {
     let mut view = sources.cluster.watch();
@@ -695,13 +729,7 @@ async fn follow_readiness(
             sources.snapshot(&view)
         };
         let (state, reasons) = readiness::evaluate(&snapshot);
-        metrics.ready.set(i64::from(state.ready));
-        for reason in readiness::Reason::ALL {
-            metrics
-                .not_ready
-                .get_or_create(&ReasonLabel::new(reason.label()))
-                .set(i64::from(reasons.contains(&reason)));
-        }
+        metrics.set(&state, &reasons);
         if last.as_ref() != Some(&reasons) {
             if state.ready {
                 tracing::info!("ready");
@@ -719,184 +747,72 @@ async fn follow_readiness(
     }
 }
 
-#[derive(Debug)]
-struct StoreSource(Store);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl MetricSource for StoreSource {
-    fn collect(&self) -> Vec<Sample> {
-        let s = self.0.stats();
-        let counter = |name, help, value: u64| Sample {
-            name,
-            help,
-            kind: SampleKind::Counter,
-            value: value as f64,
+    #[test]
+    fn every_layer_registers_its_series_in_the_one_exposition() {
+        let identity = PeerIdentity::new("n1", Tier::Regional, "eu-west").unwrap();
+        let layers = NodeMetrics::new(&identity);
+        layers
+            .api
+            .api_requests
+            .get_or_create(&crate::api::metrics::ApiLabels::new("Transact", "OK"))
+            .inc();
+        layers
+            .api
+            .api_request_seconds
+            .get_or_create(&crate::api::metrics::MethodLabel::new("Transact"))
+            .observe(0.003);
+        let gossip = crate::transport::metrics::CertLabel {
+            certificate: "gossip",
         };
-        vec![
-            counter(
-                "strata_store_commits",
-                "Group commits of the store's writer.",
-                s.commits_total,
-            ),
-            counter(
-                "strata_store_local_versions",
-                "Local versions committed.",
-                s.local_versions_total,
-            ),
-            counter(
-                "strata_store_applied_versions",
-                "Remote versions applied.",
-                s.applied_versions_total,
-            ),
-            counter(
-                "strata_store_duplicate_changesets",
-                "Remote changesets already held.",
-                s.duplicates_total,
-            ),
-            counter(
-                "strata_store_rejected_changesets",
-                "Remote changesets refused as malformed.",
-                s.rejected_total,
-            ),
-            counter(
-                "strata_store_buffered_chunks",
-                "Chunks buffered as parts of incomplete versions.",
-                s.buffered_chunks_total,
-            ),
-            counter(
-                "strata_store_parked_changes",
-                "Changes parked for an unknown table or column.",
-                s.parked_total,
-            ),
-            counter(
-                "strata_store_merged_changes",
-                "Remote changes merged.",
-                s.merged_changes_total,
-            ),
-            counter(
-                "strata_store_far_future_timestamps",
-                "Remote timestamps far ahead of the wall clock.",
-                s.far_future_total,
-            ),
-            counter(
-                "strata_store_stopped_statements",
-                "Client statements stopped for their deadline, their caller leaving or shutdown.",
-                s.stopped_total,
-            ),
-            counter(
-                "strata_store_waiting_cells",
-                "Remote cells that arrived before the row event of their row life and waited.",
-                s.waiting_total,
-            ),
-            Sample {
-                name: "strata_store_waiting_cells_now",
-                help: "Cells waiting for the row event of their row life now.",
-                kind: SampleKind::Gauge,
-                value: s.waiting_now as f64,
-            },
-            counter(
-                "strata_store_sliced_versions",
-                "Large remote versions merged in slices with client reads pinned.",
-                s.sliced_versions_total,
-            ),
-            counter(
-                "strata_store_slices",
-                "Slices committed for large remote versions.",
-                s.slices_total,
-            ),
-            Sample {
-                name: "strata_store_sliced_pending",
-                help: "Large remote versions waiting for or in a sliced merge.",
-                kind: SampleKind::Gauge,
-                value: s.sliced_pending as f64,
-            },
-            Sample {
-                name: "strata_store_head",
-                help: "This node's latest version.",
-                kind: SampleKind::Gauge,
-                value: self.0.head() as f64,
-            },
-        ]
-    }
-}
-
-#[derive(Debug)]
-struct TransportSource(Transport);
-
-impl MetricSource for TransportSource {
-    fn collect(&self) -> Vec<Sample> {
-        let s = self.0.stats();
-        let counter = |name, help, value: u64| Sample {
-            name,
-            help,
-            kind: SampleKind::Counter,
-            value: value as f64,
-        };
-        vec![
-            Sample {
-                name: "strata_transport_connections",
-                help: "QUIC connections open.",
-                kind: SampleKind::Gauge,
-                value: s.connections_open as f64,
-            },
-            counter(
-                "strata_transport_handshakes_failed",
-                "QUIC handshakes that failed (bad certificates, garbage).",
-                s.handshakes_failed_total,
-            ),
-            counter(
-                "strata_transport_dials_failed",
-                "Dials that failed.",
-                s.dials_failed_total,
-            ),
-            counter(
-                "strata_transport_dials",
-                "Dials started.",
-                s.dials_attempted_total,
-            ),
-            counter(
-                "strata_transport_dials_backed_off",
-                "Sends to a peer refused without dialing while its back-off lasts.",
-                s.dials_backed_off_total,
-            ),
-            counter(
-                "strata_transport_tls_reloads",
-                "Renewed certificates swapped into the QUIC endpoint.",
-                s.tls_reloads_total,
-            ),
-            counter(
-                "strata_transport_connections_superseded",
-                "Cached connections replaced because their peer connected anew or restarted.",
-                s.connections_superseded_total,
-            ),
-            counter(
-                "strata_transport_connections_reset",
-                "Connections ended by a peer's stateless reset (it restarted and no longer knew them).",
-                s.connections_reset_total,
-            ),
-            counter(
-                "strata_transport_sent_bytes",
-                "Bytes sent over QUIC (UDP payload).",
-                s.bytes_sent_total,
-            ),
-            counter(
-                "strata_transport_received_bytes",
-                "Bytes received over QUIC (UDP payload).",
-                s.bytes_received_total,
-            ),
-        ]
-    }
-}
-
-#[derive(Debug)]
-struct ApiTlsSource(api::ApiTls);
-
-impl MetricSource for ApiTlsSource {
-    fn collect(&self) -> Vec<Sample> {
-        vec![Sample {
-            name: "strata_api_tls_handshakes_failed",
-            help: "API TLS handshakes that failed (bad or missing client certificates, garbage).",
-            kind: SampleKind::Counter,
-            value: self.0.handshakes_failed() as f64,
-        }]
+        (layers.certificates.certificate_expiry_seconds)
+            .get_or_create(&gossip)
+            .set(86_400);
+        (layers.certificates.certificate_expiring)
+            .get_or_create(&gossip)
+            .set(0);
+        layers.readiness.set(
+            &crate::readiness::Readiness::not_ready("joining"),
+            &[readiness::Reason::Joining],
+        );
+        layers.cluster.caught_up.set(1);
+        let text = layers.registry.encode();
+        for family in [
+            "# TYPE strata_build_info gauge",
+            "# TYPE strata_members gauge",
+            "# TYPE strata_apply_seconds histogram",
+            "# TYPE strata_replication_lag_max_seconds gauge",
+            "# TYPE strata_api_requests counter",
+            "# TYPE strata_api_request_seconds histogram",
+            "# TYPE strata_subscriptions gauge",
+            "# TYPE strata_subscribers gauge",
+            "# TYPE strata_subscribers_cut counter",
+            "# TYPE strata_certificate_expiry_seconds gauge",
+            "# TYPE strata_certificate_expiring gauge",
+            "# TYPE strata_ready gauge",
+            "# TYPE strata_not_ready gauge",
+            "# TYPE strata_caught_up gauge",
+        ] {
+            assert!(
+                text.lines().any(|l| l == family),
+                "{family} missing from\n{text}"
+            );
+        }
+        for line in [
+            "strata_api_requests_total{method=\"Transact\",code=\"OK\"} 1",
+            "strata_ready 0",
+            "strata_not_ready{reason=\"joining\"} 1",
+            "strata_not_ready{reason=\"api_down\"} 0",
+            "strata_caught_up 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

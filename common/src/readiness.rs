@@ -5,12 +5,14 @@
 //! It owns the reasons, their thresholds and their wording. It reads nothing itself: the node's
 //! readiness task (`node::follow_readiness`) takes the snapshot (cluster view, quarantine, store
 //! health, the API listener's state) and publishes the result to `/readyz`, `Health` and the
-//! `strata_ready` / `strata_not_ready{reason}` gauges.
+//! `strata_ready` / `strata_not_ready{reason}` gauges ([`ReadinessMetrics`], registered here).
 
 use std::time::Duration;
 
-use crate::admin::Readiness;
-use crate::cluster::instep::StepStatus;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::metrics::{MetricsBuilder, ReasonLabel};
 use crate::store::StoreHealth;
 
 /// The writer may take this long on one group while requests wait behind it before the node
@@ -24,6 +26,55 @@ pub const WRITER_BUSY_MAX: Duration = Duration::from_secs(60);
 /// Sync sessions may all fail for this long before the node says it is cut off: several rounds
 /// (one a second) with every peer, longer than a peer's restart.
 pub const SYNC_FAILING_MAX: Duration = Duration::from_secs(30);
+
+/// Whether the node should receive traffic, as `/readyz` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// True when the node serves reads and writes (database open, cluster joined, caught up).
+    pub ready: bool,
+    /// Why it is not ready (`catching up with 3 peers`); shown by `/readyz` when `ready` is
+    /// false, ignored otherwise. Every reason of `reasons`, joined by `; `.
+    pub reason: String,
+    /// Each reason it is not ready, most severe first; empty when ready.
+    pub reasons: Vec<String>,
+}
+
+impl Readiness {
+    /// Ready.
+    pub fn ready() -> Readiness {
+        Readiness {
+            ready: true,
+            reason: String::new(),
+            reasons: Vec::new(),
+        }
+    }
+
+    /// Not ready, for `reason`.
+    pub fn not_ready(reason: impl Into<String>) -> Readiness {
+        let reason = reason.into();
+        Readiness {
+            ready: false,
+            reasons: vec![reason.clone()],
+            reason,
+        }
+    }
+
+    /// Not ready, for each of `reasons`.
+    pub fn not_ready_for(reasons: Vec<String>) -> Readiness {
+        Readiness {
+            ready: false,
+            reason: reasons.join("; "),
+            reasons,
+        }
+    }
+}
+
+impl Default for Readiness {
+    /// Not ready: `starting`.
+    fn default() -> Readiness {
+        Readiness::not_ready("starting")
+    }
+}
 
 /// Why a node is not ready. The label is the `reason` of `strata_not_ready` (a fixed list).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -74,6 +125,21 @@ impl Reason {
     }
 }
 
+/// What a starting node still waits for, as readiness reads it: the cluster's in-step status
+/// (`cluster::instep::StepStatus`) copied by the node, so that readiness stays below the
+/// cluster in the module layers (the driver carries a [`Readiness`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Step {
+    /// It sees a live member and found the members it knew (or stopped waiting for them).
+    pub joined: bool,
+    /// Members it knew before it stopped.
+    pub known: usize,
+    /// How many of those are live now.
+    pub known_live: usize,
+    /// Members it must still finish a complete sync session with.
+    pub catch_up_pending: usize,
+}
+
 /// What readiness is computed from, taken at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Inputs {
@@ -82,7 +148,7 @@ pub struct Inputs {
     /// The node found its cluster and caught up with what its members held when it joined.
     pub caught_up: bool,
     /// What a starting node still waits for.
-    pub step: StepStatus,
+    pub step: Step,
     /// Live members, not counting this node.
     pub members: usize,
     /// Whether this node has ever seen another member live.
@@ -180,6 +246,44 @@ pub fn evaluate(inputs: &Inputs) -> (Readiness, Vec<Reason>) {
     (readiness, kinds)
 }
 
+/// The readiness gauges.
+#[derive(Debug, Clone)]
+pub struct ReadinessMetrics {
+    /// `strata_ready`: 1 when the node serves reads, else 0.
+    pub ready: Gauge,
+    /// `strata_not_ready{reason}`: 1 while `reason` keeps the node not ready, else 0; reasons
+    /// come from a fixed list ([`Reason::label`]).
+    pub not_ready: Family<ReasonLabel, Gauge>,
+}
+
+impl ReadinessMetrics {
+    /// Registers the readiness gauges with `b`.
+    pub fn register(b: &mut MetricsBuilder) -> ReadinessMetrics {
+        ReadinessMetrics {
+            ready: b.add(
+                "ready",
+                "1 when the node serves reads, else 0",
+                Gauge::default(),
+            ),
+            not_ready: b.add(
+                "not_ready",
+                "1 while this reason keeps the node not ready, else 0",
+                Family::default(),
+            ),
+        }
+    }
+
+    /// Sets the gauges from one [`evaluate`]: every reason's gauge, 1 for those in `reasons`.
+    pub fn set(&self, state: &Readiness, reasons: &[Reason]) {
+        self.ready.set(i64::from(state.ready));
+        for reason in Reason::ALL {
+            self.not_ready
+                .get_or_create(&ReasonLabel::new(reason.label()))
+                .set(i64::from(reasons.contains(&reason)));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,10 +292,9 @@ mod tests {
         Inputs {
             alone: false,
             caught_up: true,
-            step: StepStatus {
+            step: Step {
                 joined: true,
-                caught_up: true,
-                ..StepStatus::default()
+                ..Step::default()
             },
             members: 2,
             had_members: true,
@@ -288,10 +391,10 @@ mod tests {
     fn the_api_down_and_catching_up_are_reasons_and_all_reasons_are_listed() {
         let inputs = Inputs {
             caught_up: false,
-            step: StepStatus {
+            step: Step {
                 joined: true,
                 catch_up_pending: 2,
-                ..StepStatus::default()
+                ..Step::default()
             },
             api_serving: false,
             ..Inputs::default()
@@ -311,11 +414,11 @@ mod tests {
     fn a_node_still_looking_for_its_members_says_how_many_it_found() {
         let mut inputs = healthy();
         inputs.caught_up = false;
-        inputs.step = StepStatus {
+        inputs.step = Step {
             joined: false,
             known: 4,
             known_live: 1,
-            ..StepStatus::default()
+            ..Step::default()
         };
         let (readiness, kinds) = evaluate(&inputs);
         assert_eq!(kinds, vec![Reason::Joining], "joining hides catching up");

@@ -16,11 +16,21 @@ use tracing_subscriber::filter::{Directive, ParseError};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::{SubscriberInitExt, TryInitError};
 
-use crate::config::LogFormat;
+use serde::{Deserialize, Serialize};
 
 /// The target of the span made by [`node_span`]. Every filter gets a directive enabling it at
 /// `info`, so that `RUST_LOG=warn` still tags its warnings with the node, tier and region.
 const NODE_SPAN_TARGET: &str = "strata::node";
+
+/// Log line format (`[log] format` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Why logging could not be set up.
 #[derive(Debug, thiserror::Error)]

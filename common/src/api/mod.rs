@@ -13,6 +13,7 @@
 //! the CA without a Strata identity may read. A plaintext API (`Caller::Plaintext`) trusts
 //! whoever reaches it, which `config` allows off loopback only when told explicitly.
 
+pub mod metrics;
 mod service;
 pub mod status;
 pub mod subscribe;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
 use strata_proto::convert::{row_to_pb, statement_from_pb};
 use strata_proto::v1 as pb;
@@ -12,11 +13,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
+use super::metrics::{ApiLabels, ApiMetrics, MethodLabel};
 use super::status::from_store;
 use super::subscribe::{EventStream, Hub};
 use crate::cluster::Cluster;
 use crate::config::ApiSection;
-use crate::metrics::{ApiLabels, MethodLabel, Metrics};
 use crate::store::{Deadline, Statement, Store};
 use crate::transport::PeerIdentity;
 
@@ -25,7 +26,9 @@ pub struct StrataService {
     pub(crate) store: Store,
     pub(crate) cluster: Cluster,
     pub(crate) hub: Arc<Hub>,
-    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<ApiMetrics>,
+    /// The cluster's largest recent replication lag, ms (`Health` reports it).
+    pub(crate) replication_lag_max_ms: Gauge,
     pub(crate) config: ApiSection,
     pub(crate) me: PeerIdentity,
 }
@@ -247,8 +250,7 @@ impl StrataService {
             gaps,
             partials,
             parked,
-            replication_lag_ms: u64::try_from(self.metrics.replication_lag_max_ms.get())
-                .unwrap_or(0),
+            replication_lag_ms: u64::try_from(self.replication_lag_max_ms.get()).unwrap_or(0),
             caught_up: view.caught_up,
             site: site.0.to_vec(),
             head: self.store.head(),

@@ -35,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
+use super::metrics::ApiMetrics;
 use super::status::from_store;
-use crate::metrics::Metrics;
 use crate::store::{Deadline, Statement, Store, Value};
 
 /// How long a matcher without subscribers stays, so a reconnecting subscriber can resume.
@@ -114,7 +114,7 @@ struct MatcherState {
 pub struct Hub {
     store: Store,
     config: HubConfig,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ApiMetrics>,
     next_id: AtomicU64,
     matchers: Mutex<HashMap<QueryKey, Arc<Matcher>>>,
     tracker: TaskTracker,
@@ -126,7 +126,7 @@ impl Hub {
     pub fn start(
         store: Store,
         config: HubConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ApiMetrics>,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Arc<Hub> {

@@ -38,6 +38,7 @@ mod invariant;
 mod local;
 mod merge;
 mod meta;
+pub mod metrics;
 mod pin;
 mod readers;
 mod schema;

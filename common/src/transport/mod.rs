@@ -42,6 +42,7 @@ mod endpoint;
 mod error;
 mod frame;
 mod material;
+pub mod metrics;
 mod reset;
 mod throttle;
 mod tls;

@@ -73,6 +73,10 @@ const HLC_COUNTER_BITS: u32 = 16;
 
 type Outcome = Result<String, Box<dyn Error>>;
 
+/// One row of a `__strata_clock_N` table: (packed key, column id, causal length, timestamp, site
+/// ordinal, version, seq).
+type ClockEntry = (Vec<u8>, i64, i64, i64, i64, i64, i64);
+
 struct Replica {
     store: Store,
     _dir: tempfile::TempDir,
@@ -448,7 +452,7 @@ impl Scenario {
         let mut lines: Vec<String> = store
             .bookkeeping()
             .into_iter()
-            .filter(|s| s.head > 0)
+            .filter(|s| s.head > 0 || !s.partials.is_empty())
             .map(|s| {
                 let mut line = format!("site {} head={}", self.site_name(s.site), s.head);
                 if !s.gaps.is_empty() {
@@ -522,7 +526,7 @@ impl Scenario {
                     "SELECT pk, cid, cl, ts, site, version, seq FROM __strata_clock_{tid}
                      ORDER BY pk, cid"
                 ))?;
-                let entries: Vec<(Vec<u8>, i64, i64, i64, i64, i64, i64)> = stmt
+                let entries: Vec<ClockEntry> = stmt
                     .query_map([], |r| {
                         Ok((
                             r.get(0)?,

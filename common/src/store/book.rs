@@ -298,6 +298,23 @@ impl Books {
     }
 }
 
+/// Asserts (debug builds; one extra query) that the head about to be saved for site `ord` is not
+/// below the one saved before: a site's head never moves backwards.
+pub(crate) fn check_head_forward(conn: &Connection, ord: Ord, head: u64) -> Result<()> {
+    if cfg!(debug_assertions) {
+        let saved: Option<i64> = conn
+            .prepare_cached("SELECT head FROM __strata_sites WHERE ord = ?1")?
+            .query_row([ord], |row| row.get(0))
+            .optional()?;
+        let saved = saved.map_or(0, from_sql);
+        invariant!(
+            head >= saved,
+            "the head of site ordinal {ord} would move backwards from {saved} to {head}"
+        );
+    }
+    Ok(())
+}
+
 /// Versions are u64 but SQLite integers are i64; versions never come near 2^63.
 pub(crate) fn to_sql(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)

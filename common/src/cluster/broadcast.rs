@@ -8,17 +8,19 @@
 //! - [`Strategy::Gossip`]: the origin pushes to every member as above, and each receiver forwards
 //!   what is new to it to `fanout` random members: more copies, more robust to a dying origin.
 //!
-//! Receiving is not here: the core deduplicates and applies (see `core`). No I/O.
+//! Either way one broadcast is one [`Action::Push`] naming every recipient, with the changes
+//! packed once (`pack`). Receiving is not here: the core deduplicates and applies (see `core`).
+//! No I/O.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::seq::IteratorRandom;
 use serde::{Deserialize, Serialize};
 
 use super::core::Action;
+use super::pack::{PackLimits, pack};
 use crate::store::Changeset;
 
 /// How changes spread.
@@ -38,6 +40,7 @@ pub enum Strategy {
 /// The broadcaster: who gets what.
 pub struct Broadcaster {
     strategy: Strategy,
+    limits: PackLimits,
     members: BTreeSet<SocketAddr>,
 }
 
@@ -46,8 +49,14 @@ impl Broadcaster {
     pub fn new(strategy: Strategy) -> Broadcaster {
         Broadcaster {
             strategy,
+            limits: PackLimits::default(),
             members: BTreeSet::new(),
         }
+    }
+
+    /// Sets how pushes are packed.
+    pub fn set_limits(&mut self, limits: PackLimits) {
+        self.limits = limits;
     }
 
     /// A member came up.
@@ -61,37 +70,50 @@ impl Broadcaster {
     }
 
     /// Local commits: sent to every live member.
-    pub fn local(&mut self, changesets: Arc<Vec<Changeset>>, out: &mut Vec<Action>) {
-        for &to in &self.members {
-            out.push(Action::Send {
-                to,
-                changesets: Arc::clone(&changesets),
-            });
-        }
+    pub fn local<'a>(
+        &mut self,
+        changesets: impl ExactSizeIterator<Item = &'a Changeset>,
+        out: &mut Vec<Action>,
+    ) {
+        let to: Vec<SocketAddr> = self.members.iter().copied().collect();
+        self.push(to, changesets, out);
     }
 
     /// Changes that arrived from `from` and were new here: forwarded if the strategy says so.
     pub fn received(
         &mut self,
         from: SocketAddr,
-        changesets: Arc<Vec<Changeset>>,
+        changesets: &[Changeset],
         rng: &mut StdRng,
         out: &mut Vec<Action>,
     ) {
         let Strategy::Gossip { fanout } = self.strategy else {
             return;
         };
-        let targets = self
+        let to: Vec<SocketAddr> = self
             .members
             .iter()
             .filter(|m| **m != from)
             .copied()
             .sample(rng, fanout);
-        for to in targets {
-            out.push(Action::Send {
-                to,
-                changesets: Arc::clone(&changesets),
-            });
+        self.push(to, changesets.iter(), out);
+    }
+
+    /// One push of `changesets`, packed once, to every address in `to`.
+    fn push<'a>(
+        &self,
+        to: Vec<SocketAddr>,
+        changesets: impl ExactSizeIterator<Item = &'a Changeset>,
+        out: &mut Vec<Action>,
+    ) {
+        if to.is_empty() || changesets.len() == 0 {
+            return;
         }
+        let count = changesets.len();
+        out.push(Action::Push {
+            to,
+            frames: pack(changesets, self.limits),
+            changesets: count,
+        });
     }
 }

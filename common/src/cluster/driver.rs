@@ -9,7 +9,8 @@
 //!   tolerates loss, and anti-entropy repairs a lost push;
 //! - the **accept** loop, and per connection a reader of datagrams, of uni streams (pushes) and
 //!   of bi streams (sync sessions served, at most `serve_max` at once);
-//! - the **apply** worker, which batches new changesets into the store;
+//! - the **apply** worker, which batches new changesets into the store and reports each batch
+//!   back to the loop (the core bounds what is on its way, so its queue never overflows);
 //! - sync **client** sessions (one at a time, as the core schedules them);
 //! - a reader of the store's commit events, which hands local commits to the loop.
 //!
@@ -28,13 +29,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::time::DelayQueue;
 
-use super::core::{Action, Core, Input, Timer};
+use super::core::{APPLY_INFLIGHT_MAX, Action, Core, Input, Replica, Timer};
 use super::instep::StepStatus;
 use super::membership::{Member, MemberEvent};
 use super::message::{
     self, Changes, KIND_CHANGES, KIND_SWIM, KIND_SYNC_REPLY, KIND_SYNC_REQUEST, SyncReply,
     SyncRequest,
 };
+use super::pack::PackLimits;
 use super::quarantine::{Quarantine, Quarantined, Recorded};
 use super::session::{Fetch, Fetching, Outcome, Serve, Serving, SessionLimits};
 use crate::admin::Readiness;
@@ -52,8 +54,6 @@ pub struct DriverOptions {
     pub events_len: usize,
     /// Items waiting in one peer's sender.
     pub peer_queue_len: usize,
-    /// Pushes waiting to be applied.
-    pub apply_queue_len: usize,
     /// Changesets applied in one store call at most.
     pub apply_batch_max: usize,
     /// Largest frame accepted on a stream, bytes.
@@ -71,13 +71,18 @@ impl Default for DriverOptions {
         DriverOptions {
             events_len: 4096,
             peer_queue_len: 1024,
-            apply_queue_len: 1024,
             apply_batch_max: 4096,
             frame_bytes_max: 16 << 20,
             push_frame_bytes: 1 << 20,
             readers_max: 256,
             sync_idle_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl Replica for Store {
+    fn has(&self, site: SiteId, version: u64) -> bool {
+        Store::has(self, site, version)
     }
 }
 
@@ -239,6 +244,8 @@ enum Event {
         changesets: Vec<Changeset>,
     },
     Committed(Vec<Arc<Changeset>>),
+    /// The apply worker finished this many changesets.
+    Applied(usize),
     SyncFinished {
         peer: SocketAddr,
         complete: bool,
@@ -266,7 +273,6 @@ struct Shared {
     readers: Arc<Semaphore>,
     serving: Arc<Semaphore>,
     limits: SessionLimits,
-    chunk_bytes: usize,
     faults: Faults,
     quarantine: Arc<std::sync::Mutex<Quarantine>>,
     tracker: TaskTracker,
@@ -284,7 +290,9 @@ pub fn spawn(
     tracker: TaskTracker,
 ) -> Cluster {
     let (events_tx, events_rx) = mpsc::channel(options.events_len.max(1));
-    let (apply_tx, apply_rx) = mpsc::channel(options.apply_queue_len.max(1));
+    // The core keeps at most `APPLY_INFLIGHT_MAX` changesets on their way into the store, and
+    // each item here holds at least one: this queue is never full.
+    let (apply_tx, apply_rx) = mpsc::channel(APPLY_INFLIGHT_MAX);
     let (view_tx, view_rx) = watch::channel(ClusterView {
         me: Some(core.me()),
         ..ClusterView::default()
@@ -293,10 +301,13 @@ pub fn spawn(
     let faults = Faults::default();
     let quarantine = Arc::new(std::sync::Mutex::new(Quarantine::new()));
     let limits = SessionLimits::new(&sync, store.options().chunk_bytes, options.frame_bytes_max);
+    let core = core.packing(PackLimits {
+        chunk_bytes: store.options().chunk_bytes,
+        push_frame_bytes: options.push_frame_bytes,
+    });
     let shared = Arc::new(Shared {
         faults: faults.clone(),
         quarantine: Arc::clone(&quarantine),
-        chunk_bytes: store.options().chunk_bytes,
         transport,
         store,
         metrics,
@@ -382,16 +393,25 @@ impl Driver {
         let actions = match event {
             Event::Packet(bytes) => self.core.handle(Input::Packet(&bytes), &self.shared.store),
             Event::Received { from, changesets } => {
-                let before = self.core.duplicates_total();
+                let duplicates = self.core.duplicates_total();
+                let dropped = self.core.apply_dropped_total();
                 let actions = self
                     .core
                     .handle(Input::Received { from, changesets }, &self.shared.store);
                 self.shared
                     .metrics
                     .changesets_duplicate
-                    .inc_by(self.core.duplicates_total() - before);
+                    .inc_by(self.core.duplicates_total() - duplicates);
+                // Anti-entropy fetches what the core dropped.
+                self.shared
+                    .metrics
+                    .apply_dropped
+                    .inc_by(self.core.apply_dropped_total() - dropped);
                 actions
             }
+            Event::Applied(changesets) => self
+                .core
+                .handle(Input::Applied { changesets }, &self.shared.store),
             Event::Committed(local) => self
                 .core
                 .handle(Input::Committed(local), &self.shared.store),
@@ -426,44 +446,40 @@ impl Driver {
     }
 
     fn perform(&mut self, actions: Vec<Action>) {
-        // Encoded once per broadcast, shared by every recipient.
-        let mut encoded: Option<(*const Vec<Changeset>, Vec<Bytes>)> = None;
         for action in actions {
             match action {
                 Action::Datagram { to, bytes } => {
                     self.enqueue(to, Outgoing::Datagram(bytes), "datagram");
                 }
-                Action::Send { to, changesets } => {
-                    let key = Arc::as_ptr(&changesets);
-                    let frames = match &encoded {
-                        Some((k, frames)) if *k == key => frames.clone(),
-                        _ => {
-                            let frames = push_frames(
-                                &changesets,
-                                self.shared.chunk_bytes,
-                                self.shared.options.push_frame_bytes,
-                            );
-                            encoded = Some((key, frames.clone()));
-                            frames
-                        }
-                    };
+                Action::Push {
+                    to,
+                    frames,
+                    changesets,
+                } => {
+                    // Encoded once, shared by every recipient.
+                    let frames = encode_push(&frames);
                     let bytes: usize = frames.iter().map(Bytes::len).sum();
-                    if self.enqueue(to, Outgoing::Push(frames), "push") {
-                        self.shared
-                            .metrics
-                            .broadcast_changesets_sent
-                            .inc_by(changesets.len() as u64);
-                        self.shared
-                            .metrics
-                            .broadcast_bytes_sent
-                            .inc_by(bytes as u64);
+                    for to in to {
+                        if self.enqueue(to, Outgoing::Push(frames.clone()), "push") {
+                            self.shared
+                                .metrics
+                                .broadcast_changesets_sent
+                                .inc_by(changesets as u64);
+                            self.shared
+                                .metrics
+                                .broadcast_bytes_sent
+                                .inc_by(bytes as u64);
+                        }
                     }
                 }
                 Action::Apply { changesets } => {
-                    let count = changesets.len() as u64;
+                    let count = changesets.len();
                     if self.shared.apply.try_send(changesets).is_err() {
-                        // Anti-entropy fetches what is dropped here.
-                        self.shared.metrics.apply_dropped.inc_by(count);
+                        // Only at shutdown (the worker is gone): the queue holds as many items
+                        // as the core lets changesets be on their way. Report them finished so
+                        // the core's accounting stays true.
+                        self.core
+                            .handle(Input::Applied { changesets: count }, &self.shared.store);
                     }
                 }
                 Action::Sync { peer } => {
@@ -606,41 +622,21 @@ impl Driver {
     }
 }
 
-/// Packs changesets into push frames of about `frame_bytes`, chunking large versions first.
-fn push_frames(changesets: &[Changeset], chunk_bytes: usize, frame_bytes: usize) -> Vec<Bytes> {
-    let mut frames = Vec::new();
-    let mut batch: Vec<Changeset> = Vec::new();
-    let mut size = 0;
-    let flush = |batch: &mut Vec<Changeset>, frames: &mut Vec<Bytes>| {
-        if batch.is_empty() {
-            return;
-        }
-        let changes = Changes {
-            changesets: std::mem::take(batch),
-        };
-        match message::encode(&changes) {
+/// Encodes packed push frames (see `pack`) with their transport frame header.
+fn encode_push(frames: &[Arc<Changes>]) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(frames.len());
+    for changes in frames {
+        match message::encode(&**changes) {
             Ok(payload) => {
                 let mut buf = BytesMut::with_capacity(payload.len() + 8);
                 if encode(KIND_CHANGES, &payload, &mut buf).is_ok() {
-                    frames.push(buf.freeze());
+                    out.push(buf.freeze());
                 }
             }
             Err(err) => tracing::error!(error = %err, "could not encode a push"),
         }
-    };
-    for changeset in changesets {
-        for chunk in changeset.clone().chunked(chunk_bytes) {
-            let chunk_size: usize = chunk.changes.iter().map(|c| c.size_hint()).sum::<usize>() + 64;
-            if size + chunk_size > frame_bytes {
-                flush(&mut batch, &mut frames);
-                size = 0;
-            }
-            size += chunk_size;
-            batch.push(chunk);
-        }
     }
-    flush(&mut batch, &mut frames);
-    frames
+    out
 }
 
 /// Upper bound on the frames coalesced onto one push stream. Under load a
@@ -872,7 +868,16 @@ async fn apply_worker(shared: Arc<Shared>, mut queue: mpsc::Receiver<Vec<Changes
             }
         }
         shared.metrics.apply_queue_depth.set(queue.len() as i64);
+        let count = batch.len();
         apply(&shared, batch).await;
+        // Applied, rejected or failed: no longer on its way.
+        let reported = tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            reported = shared.events.send(Event::Applied(count)) => reported,
+        };
+        if reported.is_err() {
+            return;
+        }
     }
 }
 

@@ -2,11 +2,12 @@
 //! and anti-entropy sync — as plain state machines ([`Core`]) with a thin tokio driver.
 //!
 //! Follow one write: the store commits a local version and publishes a commit event; the driver
-//! hands it to the core, which emits one `Send` per live member (`broadcast`); each send is one
-//! QUIC uni stream carrying a [`message::Changes`] frame. On the receiving node the driver reads
-//! the frame and hands it to the core, which drops what it already holds and emits `Apply`; the
-//! driver's apply worker batches those into the store. Whatever a broadcast misses, the next
-//! anti-entropy round (`sync`) fetches.
+//! hands it to the core, which packs it into [`message::Changes`] frames once (`pack`) and emits
+//! one `Push` naming every live member (`broadcast`); the driver encodes the frames once and
+//! writes them on one QUIC uni stream per member. On the receiving node the driver reads each
+//! frame and hands it to the core, which drops what it already holds and emits `Apply`; the
+//! driver's apply worker batches those into the store and reports back `Applied`. Whatever a
+//! broadcast misses, the next anti-entropy round (`sync`, one session run by `session`) fetches.
 //!
 //! Left out on purpose: an eager/lazy tree (Plumtree). Regional clusters are small enough that
 //! the origin pushing to every member is near the physical optimum (one hop, one copy each);
@@ -25,6 +26,7 @@ pub mod session;
 pub mod sync;
 
 pub use self::broadcast::Strategy;
-pub use self::core::{Action, ClusterConfig, Core, Input, Replica, Timer};
+pub use self::core::{APPLY_INFLIGHT_MAX, Action, ClusterConfig, Core, Input, Replica, Timer};
 pub use self::membership::{Member, MemberEvent, MembershipConfig};
+pub use self::pack::PackLimits;
 pub use self::sync::SyncConfig;

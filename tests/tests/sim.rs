@@ -67,7 +67,7 @@ fn ten_nodes_deliver_every_change_once_by_direct_push() {
             sim.seed()
         );
     }
-    assert_eq!(sim.stats.apply_dropped, 0, "seed {}", sim.seed());
+    assert_eq!(sim.apply_dropped(), 0, "seed {}", sim.seed());
 }
 
 #[test]

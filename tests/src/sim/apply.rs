@@ -1,7 +1,8 @@
 //! A node's apply queue: changesets the core handed over wait here for the (simulated) store.
 //!
-//! As in the driver, the queue is bounded and a batch that finds it full is dropped (anti-entropy
-//! fetches it later); one batch is applied at a time, taking a delay that grows with its size.
+//! As in the driver, the core bounds what is on its way into the store (it drops over its
+//! in-flight bound and hears `Input::Applied` when a batch is done), so the queue itself needs
+//! no bound; one batch is applied at a time, taking a delay that grows with its size.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -11,8 +12,6 @@ use strata_common::store::Changeset;
 /// Settings of the simulated apply.
 #[derive(Debug, Clone)]
 pub struct ApplyConfig {
-    /// Batches waiting at most (the driver's `apply_queue_len`); more are dropped.
-    pub queue_len: usize,
     /// Changesets applied in one store call at most (the driver's `apply_batch_max`).
     pub batch_max: usize,
     /// Time of one store call.
@@ -24,7 +23,6 @@ pub struct ApplyConfig {
 impl Default for ApplyConfig {
     fn default() -> Self {
         ApplyConfig {
-            queue_len: 1024,
             batch_max: 4096,
             delay: Duration::from_micros(500),
             per_changeset: Duration::from_micros(20),
@@ -40,13 +38,9 @@ pub struct ApplyQueue {
 }
 
 impl ApplyQueue {
-    /// Queues a batch; false (and nothing queued) when the queue is full.
-    pub fn offer(&mut self, batch: Vec<Changeset>, config: &ApplyConfig) -> bool {
-        if self.queue.len() >= config.queue_len {
-            return false;
-        }
+    /// Queues a batch.
+    pub fn offer(&mut self, batch: Vec<Changeset>) {
         self.queue.push_back(batch);
-        true
     }
 
     /// If nothing is being applied, takes the next batch (merging queued ones up to the batch

@@ -6,7 +6,8 @@
 //! (`strata_regional::publish::logic::Publisher`) against an in-memory replica
 //! ([`replica::ModelReplica`]); the content of each version lives once, in the ledger. The
 //! simulator carries out their actions: packets and pushes travel with a random latency
-//! ([`network`]), applies wait in a bounded queue and take time ([`apply`]), sync sessions run
+//! ([`network`]), the core's pushes go frame by frame, applies wait in a queue and take time
+//! ([`apply`]; the core bounds what is on its way and hears when it is applied), sync sessions run
 //! the real session state machines against the replicas ([`session`]), and
 //! publishes go to a simulated globald ([`publisher`]). Time is the event queue ([`clock`]).
 //!
@@ -32,7 +33,9 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use strata_common::cluster::message::{self, Changes, SyncReply, SyncRequest};
 use strata_common::cluster::session::{Fetch as Fetched, Fetching, Outcome, Serving};
-use strata_common::cluster::{Action, ClusterConfig, Core, Input, Member, Replica, Timer};
+use strata_common::cluster::{
+    Action, ClusterConfig, Core, Input, Member, PackLimits, Replica, Timer,
+};
 use strata_common::store::{Change, Changeset, SiteId, Timestamp, Value};
 use strata_regional::publish::logic::{
     self, AppMap, Input as PubInput, Publication, Publisher, Timer as PubTimer,
@@ -44,9 +47,6 @@ pub use self::network::NetConfig;
 use self::network::Network;
 use self::publisher::{Globald, PublishConfig};
 use self::replica::{Ledger, ModelReplica, Written};
-
-/// Changesets shared by the recipients of one broadcast.
-type Shared = Arc<Vec<Changeset>>;
 
 /// Time between two frames of one sync session on the wire.
 const FRAME_GAP: Duration = Duration::from_micros(100);
@@ -120,7 +120,7 @@ enum Event {
     Push {
         to: usize,
         from: usize,
-        changesets: Arc<Vec<Changeset>>,
+        frame: Arc<Changes>,
     },
     Timer {
         node: usize,
@@ -196,8 +196,8 @@ pub struct SimStats {
     pub sync_frames: u64,
     /// Bytes of encoded sync frames (with `NetConfig::encode`).
     pub sync_bytes: u64,
-    /// Changesets dropped at a full apply queue.
-    pub apply_dropped: u64,
+    /// Changesets the cores dropped over their in-flight bound, by cores since replaced.
+    apply_dropped_before: u64,
     /// Changesets lost in apply queues by crashes.
     pub apply_lost: u64,
     /// Changesets that reached the replica already held (skipped, as the store skips them).
@@ -223,8 +223,6 @@ pub struct Sim {
     violation: Option<Violation>,
     globald: Globald,
     next_session: u64,
-    /// Size of the last push frame encoded (charged again to each recipient sharing it).
-    push_bytes_last: u64,
     /// Totals.
     pub stats: SimStats,
     config: SimConfig,
@@ -256,7 +254,6 @@ impl Sim {
             violation: None,
             globald: Globald::default(),
             next_session: 0,
-            push_bytes_last: 0,
             stats: SimStats::default(),
             config,
             seed,
@@ -309,7 +306,8 @@ impl Sim {
             self.config.cluster.clone(),
             vec![addr_of(0)],
             core_seed(self.seed, index, incarnation),
-        );
+        )
+        .packing(PackLimits::default());
         if known.is_empty() {
             core
         } else {
@@ -364,6 +362,17 @@ impl Sim {
     /// Push copies node `index` received.
     pub fn copies(&self, index: usize) -> u64 {
         self.nodes[index].copies
+    }
+
+    /// Changesets the cores dropped over their in-flight apply bound (sync fetches them).
+    pub fn apply_dropped(&self) -> u64 {
+        self.stats.apply_dropped_before
+            + self
+                .nodes
+                .iter()
+                .filter(|n| n.alive)
+                .map(|n| n.core.apply_dropped_total())
+                .sum::<u64>()
     }
 
     /// The first broken invariant, if any (the run stopped there).
@@ -448,7 +457,7 @@ impl Sim {
         self.dispatch(Event::Push {
             to: index,
             from,
-            changesets: Arc::new(changesets),
+            frame: Arc::new(Changes { changesets }),
         });
     }
 
@@ -461,6 +470,7 @@ impl Sim {
         }
         node.alive = false;
         node.epoch += 1;
+        self.stats.apply_dropped_before += node.core.apply_dropped_total();
         node.fetching = None;
         node.serving = 0;
         node.publisher = None;
@@ -620,23 +630,19 @@ impl Sim {
                 self.stats.packets += 1;
                 self.input(to, Input::Packet(&bytes));
             }
-            Event::Push {
-                to,
-                from,
-                changesets,
-            } => {
+            Event::Push { to, from, frame } => {
                 if !self.nodes[to].alive {
                     self.stats.cut += 1;
                     return;
                 }
                 self.stats.pushes += 1;
-                self.nodes[to].copies += changesets.len() as u64;
+                self.nodes[to].copies += frame.changesets.len() as u64;
                 let from = self.nodes[from].addr;
                 self.input(
                     to,
                     Input::Received {
                         from,
-                        changesets: (*changesets).clone(),
+                        changesets: frame.changesets.clone(),
                     },
                 );
             }
@@ -679,7 +685,9 @@ impl Sim {
                     return;
                 }
                 let batch = self.nodes[node].apply.finish();
+                let changesets = batch.len();
                 self.apply(node, batch);
+                self.input(node, Input::Applied { changesets });
                 self.start_apply(node);
             }
             Event::PubTimer { node, epoch, timer } => {
@@ -962,8 +970,6 @@ impl Sim {
     }
 
     fn perform(&mut self, index: usize, actions: Vec<Action>) {
-        // Encoded once per broadcast, shared by every recipient: (as sent, as decoded).
-        let mut encoded: Option<(Shared, Shared)> = None;
         let mut members_changed = false;
         for action in actions {
             match action {
@@ -980,48 +986,40 @@ impl Sim {
                         self.clock.schedule(after, Event::Packet { to, bytes });
                     }
                 }
-                Action::Send { to, changesets } => {
-                    let Some(&to) = self.by_addr.get(&to) else {
-                        continue;
-                    };
-                    if !self.nodes[to].alive || self.net.cut(index, to) {
-                        self.stats.cut += 1;
-                        continue;
-                    }
-                    let changesets = if self.config.net.encode {
-                        match &encoded {
-                            Some((sent, decoded)) if Arc::ptr_eq(sent, &changesets) => {
-                                self.stats.push_bytes += self.push_bytes_last;
-                                Arc::clone(decoded)
-                            }
-                            _ => {
-                                let frame = Changes {
-                                    changesets: (*changesets).clone(),
-                                };
-                                match Self::round_trip_push(&frame) {
-                                    Ok((frame, bytes)) => {
-                                        self.stats.push_bytes += bytes;
-                                        self.push_bytes_last = bytes;
-                                        let decoded = Arc::new(frame.changesets);
-                                        encoded = Some((changesets, Arc::clone(&decoded)));
-                                        decoded
-                                    }
-                                    Err(what) => return self.fail(index, what),
+                Action::Push { to, frames, .. } => {
+                    // Each frame as the core packed it, on its own stream to each recipient;
+                    // encoded once when bytes are counted.
+                    for frame in frames {
+                        let frame = if self.config.net.encode {
+                            match Self::round_trip_push(&frame) {
+                                Ok((decoded, bytes)) => {
+                                    self.stats.push_bytes += bytes * to.len() as u64;
+                                    Arc::new(decoded)
                                 }
+                                Err(what) => return self.fail(index, what),
                             }
+                        } else {
+                            frame
+                        };
+                        for addr in &to {
+                            let Some(&to) = self.by_addr.get(addr) else {
+                                continue;
+                            };
+                            if !self.nodes[to].alive || self.net.cut(index, to) {
+                                self.stats.cut += 1;
+                                continue;
+                            }
+                            let after = self.net.stream_latency();
+                            self.clock.schedule(
+                                after,
+                                Event::Push {
+                                    to,
+                                    from: index,
+                                    frame: Arc::clone(&frame),
+                                },
+                            );
                         }
-                    } else {
-                        changesets
-                    };
-                    let after = self.net.stream_latency();
-                    self.clock.schedule(
-                        after,
-                        Event::Push {
-                            to,
-                            from: index,
-                            changesets,
-                        },
-                    );
+                    }
                 }
                 Action::Apply { changesets } => {
                     for changeset in &changesets {
@@ -1032,16 +1030,9 @@ impl Sim {
                             return self.fail(index, what);
                         }
                     }
-                    let count = changesets.len() as u64;
-                    if self.nodes[index]
-                        .apply
-                        .offer(changesets, &self.config.apply)
-                    {
-                        self.start_apply(index);
-                    } else {
-                        // Anti-entropy fetches what is dropped here.
-                        self.stats.apply_dropped += count;
-                    }
+                    // The queue needs no bound of its own: the core bounds what is on its way.
+                    self.nodes[index].apply.offer(changesets);
+                    self.start_apply(index);
                 }
                 Action::Sync { peer } => {
                     let Some(&peer) = self.by_addr.get(&peer) else {

@@ -6,6 +6,8 @@
 //! it collects `super::<file>` paths between sibling files and asserts they form no
 //! cycle. A failure names the file, the line and the two modules.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

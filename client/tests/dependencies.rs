@@ -1,6 +1,8 @@
-//! The layer boundary, enforced: `strata-client` (the Rust client and the edge router) and
+//! The layer boundaries, enforced: `strata-client` (the Rust client and the edge router) and
 //! `strata-types` (the data every layer shares) link no SQLite, QUIC, SWIM, HTTP server,
-//! certificate generation or SQL parser, so that an edge proxy can link the client alone.
+//! certificate generation or SQL parser, so that an edge proxy can link the client alone; and
+//! `strata-core` (the cluster protocol's state machines) links nothing that does I/O, so it stays
+//! sans-IO by construction rather than by discipline.
 //!
 //! Each test asks cargo for the crate's tree of normal dependencies (features resolved as a
 //! build of that crate alone would resolve them) and names every forbidden crate it finds.
@@ -25,6 +27,21 @@ const FORBIDDEN: &[(&str, &str)] = &[
         "sqlparser",
         "SQL parsing (the store's schema and SQL policy)",
     ),
+];
+
+/// Crates that do I/O (an async runtime, sockets, QUIC, SQLite, gRPC): the sans-IO core must link
+/// none of them.
+const IO: &[&str] = &[
+    "tokio",
+    "mio",
+    "socket2",
+    "quinn",
+    "quinn-udp",
+    "rusqlite",
+    "libsqlite3-sys",
+    "hyper",
+    "tonic",
+    "axum",
 ];
 
 /// The names of the crates in `package`'s tree of normal dependencies, itself included.
@@ -103,4 +120,23 @@ fn the_check_finds_forbidden_crates_where_they_are() {
             "expected {name} in strata-common's tree, found only {found:?}"
         );
     }
+}
+
+#[test]
+fn the_sans_io_core_links_nothing_that_does_io() {
+    let names = normal_dependencies("strata-core");
+    let found: Vec<&str> = IO
+        .iter()
+        .copied()
+        .filter(|io| names.iter().any(|n| n == io))
+        .collect();
+    assert!(
+        found.is_empty(),
+        "strata-core links {found:?}; the protocol's state machines must not reach I/O (find \
+         the path with `cargo tree -p strata-core -e normal -i <crate>`)"
+    );
+    assert!(
+        names.iter().any(|n| n == "foca"),
+        "strata-core's tree lacks foca, so the check read the wrong tree: {names:?}"
+    );
 }

@@ -9,11 +9,11 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::ClusterConfig;
 use crate::store::{Durability, StoreOptions};
 /// The log format is telemetry's; `[log] format` names it.
 pub use crate::telemetry::LogFormat;
 use crate::transport::Tier;
+use strata_core::ClusterConfig;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]

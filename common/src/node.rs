@@ -25,7 +25,7 @@ use crate::api::{
     subscribe::{Hub, HubConfig},
 };
 use crate::cluster::driver::{self, DriverOptions};
-use crate::cluster::{Cluster, ClusterView, Core, Member};
+use crate::cluster::{Cluster, ClusterView};
 use crate::config::{NodeConfig, TlsSection};
 use crate::metrics::{Metrics, MetricsBuilder, MetricsRegistry};
 use crate::readiness;
@@ -38,6 +38,7 @@ use crate::transport::{
     Transport, TransportError, TransportOptions, TransportStats, WatchOptions, WatchedCert,
     load_checked_with,
 };
+use strata_core::{Core, Member};
 
 /// How long shutdown waits for tasks to finish before giving up on them.
 const SHUTDOWN_WAIT_MAX: Duration = Duration::from_secs(5);

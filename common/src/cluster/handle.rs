@@ -7,12 +7,12 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use super::driver::Faults;
-use super::instep::StepStatus;
-use super::membership::Member;
-use super::quarantine::{Quarantine, Quarantined};
-use crate::admin::Readiness;
+use super::faults::Faults;
+use crate::readiness::Readiness;
 use crate::transport::PeerIdentity;
+use strata_core::instep::StepStatus;
+use strata_core::membership::Member;
+use strata_core::quarantine::{Quarantine, Quarantined};
 
 /// What the cluster looks like from this node, for the API and health.
 #[derive(Debug, Clone, Default)]

@@ -57,7 +57,7 @@ impl Checker {
         changeset: &Changeset,
         replica: &ModelReplica,
     ) -> Result<(), String> {
-        use strata_common::cluster::Replica;
+        use strata_core::Replica;
         if replica.has(changeset.site, changeset.version) {
             return Err(format!(
                 "the core asked to apply site {} version {} which the node already holds \

@@ -31,12 +31,10 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use strata_common::cluster::message::{self, Changes, SyncReply, SyncRequest};
-use strata_common::cluster::session::{Fetch as Fetched, Fetching, Outcome, Serving};
-use strata_common::cluster::{
-    Action, ClusterConfig, Core, Input, Member, PackLimits, Replica, Timer,
-};
 use strata_common::store::{Change, Changeset, SiteId, Timestamp, Value};
+use strata_core::message::{self, Changes, SyncReply, SyncRequest};
+use strata_core::session::{Fetch as Fetched, Fetching, Outcome, Serving};
+use strata_core::{Action, ClusterConfig, Core, Input, Member, PackLimits, Replica, Timer};
 use strata_regional::publish::logic::{
     self, AppMap, Input as PubInput, Publication, Publisher, Timer as PubTimer,
 };

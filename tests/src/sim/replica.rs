@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rangemap::RangeInclusiveSet;
-use strata_common::cluster::Replica;
 use strata_common::store::{Changeset, SiteId, SiteState};
+use strata_core::Replica;
 
 /// One written version: its content, when it was written and which app it belongs to.
 #[derive(Debug, Clone)]

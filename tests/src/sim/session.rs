@@ -9,12 +9,12 @@
 
 use std::ops::RangeInclusive;
 
-use strata_common::cluster::Replica;
 use strata_common::cluster::driver::DriverOptions;
-use strata_common::cluster::message::{SyncReply, SyncRequest};
-use strata_common::cluster::session::{Serve, Serving, SessionLimits};
-use strata_common::cluster::sync::SyncConfig;
 use strata_common::store::{Changeset, SiteId, StoreOptions};
+use strata_core::Replica;
+use strata_core::message::{SyncReply, SyncRequest};
+use strata_core::session::{Serve, Serving, SessionLimits};
+use strata_core::sync::SyncConfig;
 
 use super::replica::{Ledger, ModelReplica};
 

@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 
 use super::{Event, Shared};
 use crate::cluster::handle::lock;
-use crate::cluster::quarantine::Recorded;
 use crate::store::{Changeset, SiteId};
+use strata_core::quarantine::Recorded;
 
 pub(super) async fn apply_worker(shared: Arc<Shared>, mut queue: mpsc::Receiver<Vec<Changeset>>) {
     loop {

@@ -9,10 +9,10 @@ use bytes::Bytes;
 use super::apply::{apply, quarantine_version};
 use super::{Shared, SyncError};
 use crate::cluster::handle::lock;
-use crate::cluster::message::{self, KIND_SYNC_REPLY, KIND_SYNC_REQUEST, SyncReply};
-use crate::cluster::session::{Fetch, Fetching, Outcome};
 use crate::metrics::ViaLabel;
 use crate::transport::{Frame, read_frame, write_frame};
+use strata_core::message::{self, KIND_SYNC_REPLY, KIND_SYNC_REQUEST, SyncReply};
+use strata_core::session::{Fetch, Fetching, Outcome};
 
 /// Runs a sync session as client: sends our bookkeeping, applies what comes back. The session's
 /// decisions are `session::Fetching`'s; this moves its frames.

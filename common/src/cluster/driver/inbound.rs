@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use super::serve::serve_syncs;
 use super::{Event, Shared};
-use crate::cluster::message::{self, Changes, KIND_CHANGES, KIND_SWIM};
 use crate::metrics::{ReasonLabel, ViaLabel};
 use crate::transport::{Conn, decode_datagram, read_frame};
+use strata_core::message::{self, Changes, KIND_CHANGES, KIND_SWIM};
 
 pub(super) async fn accept_loop(shared: Arc<Shared>) {
     loop {

@@ -16,14 +16,14 @@
 //!
 //! Files: this one is the event loop (spawn, the [`Core`], performing its actions); `peers` the
 //! per-peer senders, `inbound` the accept loop and stream readers, `apply` the apply worker,
-//! `serve` and `fetch` the two sides of sync sessions, `faults` fault injection. The handle
-//! others hold is `cluster::handle`.
+//! `serve` and `fetch` the two sides of sync sessions. Fault injection is `cluster::faults`;
+//! the handle others hold is `cluster::handle`.
 //!
 //! No decision is made here that the simulator would need to reproduce: who to send to, what
 //! is new, when to sync and with whom are the core's.
 
 mod apply;
-mod faults;
+
 mod fetch;
 mod inbound;
 mod peers;
@@ -41,19 +41,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::time::DelayQueue;
 
-pub use self::faults::Faults;
 use self::peers::Outgoing;
-use super::core::{APPLY_INFLIGHT_MAX, Action, Core, Input, Replica, Timer};
 use super::handle::{Cluster, ClusterView};
-use super::membership::MemberEvent;
-use super::message::KIND_SWIM;
-use super::pack::PackLimits;
-use super::quarantine::Quarantine;
-use super::session::{Outcome, SessionLimits};
-use crate::admin::Readiness;
+use crate::cluster::faults::Faults;
 use crate::metrics::{Metrics, ReasonLabel, Role, RoleLabel, SyncLabels, SyncResult};
+use crate::readiness::Readiness;
 use crate::store::{Changeset, SiteId, Store};
 use crate::transport::{PeerIdentity, Transport, encode_datagram};
+use strata_core::machine::{APPLY_INFLIGHT_MAX, Action, Core, Input, Replica, Timer};
+use strata_core::membership::MemberEvent;
+use strata_core::message::KIND_SWIM;
+use strata_core::pack::PackLimits;
+use strata_core::quarantine::Quarantine;
+use strata_core::session::{Outcome, SessionLimits};
 
 /// Bounds of the driver's queues and frames.
 #[derive(Debug, Clone)]

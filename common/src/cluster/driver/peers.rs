@@ -9,9 +9,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use super::{Driver, Shared};
-use crate::cluster::message::{self, Changes, KIND_CHANGES, KIND_SWIM};
 use crate::metrics::ReasonLabel;
 use crate::transport::{Conn, encode, encode_datagram};
+use strata_core::message::{self, Changes, KIND_CHANGES, KIND_SWIM};
 
 /// What a peer's sender sends.
 pub(super) enum Outgoing {

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{Shared, SyncError};
-use crate::cluster::message::{self, KIND_SYNC_REPLY, KIND_SYNC_REQUEST, SyncReply, SyncRequest};
-use crate::cluster::session::{Serve, Serving};
 use crate::metrics::{Role, RoleLabel, SyncLabels, SyncResult};
 use crate::transport::{Conn, Frame, read_frame, write_frame};
+use strata_core::message::{self, KIND_SYNC_REPLY, KIND_SYNC_REQUEST, SyncReply, SyncRequest};
+use strata_core::session::{Serve, Serving};
 
 pub(super) async fn serve_syncs(shared: Arc<Shared>, conn: Conn) {
     loop {

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Changeset, SiteState};
+use strata_types::{Changeset, SiteState};
 
 /// Frame kind of a SWIM datagram.
 pub const KIND_SWIM: u8 = 1;
@@ -49,7 +49,7 @@ pub enum SyncReply {
     /// session goes on without it and the client quarantines it.
     Unservable {
         /// The version's origin.
-        site: crate::store::SiteId,
+        site: strata_types::SiteId,
         /// The version.
         version: u64,
         /// Why, in words.

@@ -22,8 +22,8 @@ use rand::seq::IteratorRandom;
 use rangemap::RangeInclusiveSet;
 use serde::{Deserialize, Serialize};
 
-use super::core::{Action, Timer};
-use crate::store::{SiteId, SiteState};
+use crate::machine::{Action, Timer};
+use strata_types::{SiteId, SiteState};
 
 /// Anti-entropy settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -22,10 +22,10 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 
-use super::message::{self, SyncReply, SyncRequest};
-use super::pack::{Packer, sized_chunks};
-use super::sync::{self, SyncConfig};
-use crate::store::{Changeset, SiteId, SiteState};
+use crate::message::{self, SyncReply, SyncRequest};
+use crate::pack::{Packer, sized_chunks};
+use crate::sync::{self, SyncConfig};
+use strata_types::{Changeset, SiteId, SiteState};
 
 /// Versions one extraction reads at most while serving a sync session: bounds the memory of one
 /// step of a session.
@@ -298,7 +298,7 @@ impl Fetching {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Change, Timestamp, Value};
+    use strata_types::{Change, Timestamp, Value};
 
     fn site(n: u8) -> SiteId {
         SiteId([n; 16])
@@ -488,7 +488,7 @@ mod tests {
         let mut chunks = 0;
         for reply in &sent {
             if let SyncReply::Changes(changesets) = reply {
-                let estimate: usize = changesets.iter().map(super::super::pack::estimate).sum();
+                let estimate: usize = changesets.iter().map(crate::pack::estimate).sum();
                 assert!(
                     estimate <= limits.reply_bytes || changesets.len() == 1,
                     "a frame of {estimate} estimated bytes over the budget of {}",
@@ -592,12 +592,12 @@ mod tests {
     #[test]
     fn a_version_over_the_frame_limit_is_unservable_and_one_under_it_is_not() {
         let small = version(1, 3, 1, 1_000);
-        let size = super::super::pack::estimate(&small);
+        let size = crate::pack::estimate(&small);
         assert_eq!(unservable(&small, size, 64 << 10), None);
         // Near the limit it is measured exactly: still fits.
         assert_eq!(unservable(&small, size, 1_200), None);
         let big = version(1, 3, 1, 100_000);
-        let size = super::super::pack::estimate(&big);
+        let size = crate::pack::estimate(&big);
         let reason = unservable(&big, size, 64 << 10).expect("over the limit");
         assert!(
             reason.contains("over the sync frame limit of 65536"),

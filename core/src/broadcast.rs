@@ -19,9 +19,9 @@ use rand::rngs::StdRng;
 use rand::seq::IteratorRandom;
 use serde::{Deserialize, Serialize};
 
-use super::core::Action;
-use super::pack::{PackLimits, pack};
-use crate::store::Changeset;
+use crate::machine::Action;
+use crate::pack::{PackLimits, pack};
+use strata_types::Changeset;
 
 /// How changes spread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

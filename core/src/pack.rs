@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use super::message::Changes;
-use crate::store::Changeset;
+use crate::message::Changes;
+use strata_types::Changeset;
 
 /// The packing limits of broadcast pushes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +115,7 @@ impl Packer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Change, SiteId, Timestamp, Value};
+    use strata_types::{Change, SiteId, Timestamp, Value};
 
     fn version(version: u64, cells: u32, cell_bytes: usize) -> Changeset {
         Changeset {

@@ -25,13 +25,13 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::broadcast::{Broadcaster, Strategy};
-use super::instep::{InStep, StepStatus};
-use super::membership::{Member, MemberEvent, Membership, MembershipConfig};
-use super::message::Changes;
-use super::pack::PackLimits;
-use super::sync::{AntiEntropy, SyncConfig};
-use crate::store::{Changeset, SiteId};
+use crate::broadcast::{Broadcaster, Strategy};
+use crate::instep::{InStep, StepStatus};
+use crate::membership::{Member, MemberEvent, Membership, MembershipConfig};
+use crate::message::Changes;
+use crate::pack::PackLimits;
+use crate::sync::{AntiEntropy, SyncConfig};
+use strata_types::{Changeset, SiteId};
 
 /// Settings of the cluster machinery.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -414,7 +414,7 @@ fn seen_key(changeset: &Changeset) -> SeenKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Change, Timestamp, Value};
+    use strata_types::{Change, Timestamp, Value};
 
     /// A replica holding nothing.
     struct Empty;

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::store::SiteId;
+use strata_types::SiteId;
 
 /// Versions held in quarantine at most: one bad peer must not grow this node's memory without
 /// bound. Past it a new version is not recorded (and sync keeps asking for it at every round).
@@ -89,13 +89,13 @@ impl Quarantine {
             entry.attempts = entry.attempts.saturating_add(1);
             entry.reason = reason;
             entry.retry_at =
-                now + crate::backoff::jittered(RETRY_MIN, RETRY_MAX, entry.attempts, rng);
+                now + strata_types::backoff::jittered(RETRY_MIN, RETRY_MAX, entry.attempts, rng);
             return Recorded::Again;
         }
         if self.entries.len() >= QUARANTINE_MAX {
             return Recorded::Full;
         }
-        let retry_at = now + crate::backoff::jittered(RETRY_MIN, RETRY_MAX, 1, rng);
+        let retry_at = now + strata_types::backoff::jittered(RETRY_MIN, RETRY_MAX, 1, rng);
         self.entries.insert(
             (site, version),
             Entry {

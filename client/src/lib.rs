@@ -6,6 +6,8 @@
 //!
 //! This crate links no SQLite, QUIC or SWIM (a test checks its dependency tree), so an edge
 //! proxy that only routes can use it without the node's machinery.
+//!
+//! Where this crate sits among the others, and why: `docs/architecture.md` at the repository root.
 
 use std::time::Duration;
 

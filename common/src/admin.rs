@@ -240,7 +240,7 @@ mod tests {
 
     async fn start() -> Running {
         let mut builder = crate::metrics::MetricsBuilder::new("n1", "regional", "eu-west");
-        let cluster = crate::metrics::Metrics::register(&mut builder);
+        let cluster = crate::cluster::metrics::ClusterMetrics::register(&mut builder);
         let metrics = Arc::new(builder.finish());
         metrics.add_source(Box::new(StoreSource));
         cluster.datagrams_sent.inc_by(5);

@@ -6,6 +6,8 @@
 //! `node` assembles them; `config`, `telemetry`, `metrics`, `admin` and `watchdog` are the
 //! operational parts; `cli` is the command line both daemons share. The shared data types are in
 //! `strata-types`, the Rust client and the edge router in `strata-client`.
+//!
+//! Where this crate sits among the others, and why: `docs/architecture.md` at the repository root.
 
 pub mod admin;
 pub mod api;

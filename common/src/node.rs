@@ -25,9 +25,10 @@ use crate::api::{
     subscribe::{Hub, HubConfig},
 };
 use crate::cluster::driver::{self, DriverOptions};
+use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::{Cluster, ClusterView};
 use crate::config::{NodeConfig, TlsSection};
-use crate::metrics::{Metrics, MetricsBuilder, MetricsRegistry};
+use crate::metrics::{MetricsBuilder, MetricsRegistry};
 use crate::readiness;
 use crate::readiness::ReadinessMetrics;
 use crate::store::metrics::StoreSource;
@@ -66,7 +67,7 @@ pub struct NodeMetrics {
     /// What `/metrics` renders.
     pub registry: Arc<MetricsRegistry>,
     /// The cluster driver's series.
-    pub cluster: Arc<Metrics>,
+    pub cluster: Arc<ClusterMetrics>,
     /// The API's series.
     pub api: Arc<ApiMetrics>,
     /// The readiness gauges.
@@ -79,7 +80,7 @@ impl NodeMetrics {
     /// Registers every layer's series for the node `identity` (`strata_build_info` names it).
     pub fn new(identity: &PeerIdentity) -> NodeMetrics {
         let mut b = MetricsBuilder::new(&identity.node, identity.tier.as_str(), &identity.region);
-        let cluster = Arc::new(Metrics::register(&mut b));
+        let cluster = Arc::new(ClusterMetrics::register(&mut b));
         let api = Arc::new(ApiMetrics::register(&mut b));
         let certificates = CertMetrics::register(&mut b);
         let readiness = ReadinessMetrics::register(&mut b);

@@ -126,7 +126,7 @@ impl Reason {
 }
 
 /// What a starting node still waits for, as readiness reads it: the cluster's in-step status
-/// (`cluster::instep::StepStatus`) copied by the node, so that readiness stays below the
+/// (`strata_core::instep::StepStatus`) copied by the node, so that readiness stays below the
 /// cluster in the module layers (the driver carries a [`Readiness`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Step {

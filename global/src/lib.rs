@@ -4,6 +4,8 @@
 //! (`schema.sql` here): one row per (app, region) and one per region. Beside the `Strata` API
 //! every node serves, globald serves `Global`: [`publish`] (regions write their own rows, and
 //! only those) and [`route`] (the edge lookup). Regions never write through `Transact` here.
+//!
+//! Where this crate sits among the others, and why: `docs/architecture.md` at the repository root.
 
 pub mod publish;
 pub mod route;

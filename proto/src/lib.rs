@@ -4,6 +4,8 @@
 //! The `.proto` files are the contract for clients in other languages (see the Python client in
 //! `tests/`); this crate holds the generated Rust code, the conversions both the server and the
 //! client use, and the one message size limit both sides apply.
+//!
+//! Where this crate sits among the others, and why: `docs/architecture.md` at the repository root.
 
 pub mod convert;
 

@@ -4,6 +4,8 @@
 //! replicate them among themselves. A few of them, chosen from membership, derive a per-app
 //! summary of those rows and publish it to the global tier ([`publish`]); nothing else leaves
 //! the region.
+//!
+//! Where this crate sits among the others, and why: `docs/architecture.md` at the repository root.
 
 pub mod publish;
 

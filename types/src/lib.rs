@@ -6,6 +6,8 @@
 //! No I/O and no SQLite: the store (`strata-common`), the sans-IO cluster core and the client
 //! (`strata-client`) all point down to this crate. The feature `sqlite` adds rusqlite's
 //! `ToSql`/`FromSql` for [`Value`] and conversions of SQLite's borrowed values, for the store.
+//!
+//! Where this crate sits among the others, and why: `docs/architecture.md` at the repository root.
 
 pub mod backoff;
 mod change;

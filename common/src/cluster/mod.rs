@@ -18,5 +18,6 @@ pub mod driver;
 pub mod faults;
 pub mod handle;
 pub mod known;
+pub mod metrics;
 
 pub use self::handle::{Cluster, ClusterView};

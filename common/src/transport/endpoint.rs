@@ -128,8 +128,8 @@ pub struct TransportOptions {
     /// drops the oldest datagram, which SWIM tolerates. It also caps the size of one datagram
     /// the peer may send.
     pub datagram_receive_buffer_bytes: usize,
-    /// How long a dial (handshake plus hello) or an incoming handshake may take. Default 5 s
-    /// (Corrosion's value): with quinn's initial RTT estimate of 333 ms this allows several
+    /// How long a dial (handshake plus hello) or an incoming handshake may take. Default 5 s:
+    /// with quinn's initial RTT estimate of 333 ms this allows several
     /// retransmissions of a lost first packet, on any continent-spanning path.
     pub connect_timeout: Duration,
     /// Most connections open at once, counting dials in progress. Default 1024: a region has

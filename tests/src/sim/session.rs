@@ -1,5 +1,5 @@
 //! Sync sessions in the simulator: the real session state machines
-//! (`strata_common::cluster::session`), answered from in-memory replicas.
+//! (`strata_core::session`), answered from in-memory replicas.
 //!
 //! The server side is a real `Serving`: the simulator answers each `Extract` with the versions
 //! of the window the server's replica holds (their content read from the ledger, where it lives

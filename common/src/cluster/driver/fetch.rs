@@ -9,7 +9,7 @@ use bytes::Bytes;
 use super::apply::{apply, quarantine_version};
 use super::{Shared, SyncError};
 use crate::cluster::handle::lock;
-use crate::metrics::ViaLabel;
+use crate::cluster::metrics::ViaLabel;
 use crate::transport::{Frame, read_frame, write_frame};
 use strata_core::message::{self, KIND_SYNC_REPLY, KIND_SYNC_REQUEST, SyncReply};
 use strata_core::session::{Fetch, Fetching, Outcome};

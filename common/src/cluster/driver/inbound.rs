@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use super::serve::serve_syncs;
 use super::{Event, Shared};
-use crate::metrics::{ReasonLabel, ViaLabel};
+use crate::cluster::metrics::ViaLabel;
+use crate::metrics::ReasonLabel;
 use crate::transport::{Conn, decode_datagram, read_frame};
 use strata_core::message::{self, Changes, KIND_CHANGES, KIND_SWIM};
 

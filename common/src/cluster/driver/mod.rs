@@ -44,7 +44,8 @@ use tokio_util::time::DelayQueue;
 use self::peers::Outgoing;
 use super::handle::{Cluster, ClusterView};
 use crate::cluster::faults::Faults;
-use crate::metrics::{Metrics, ReasonLabel, Role, RoleLabel, SyncLabels, SyncResult};
+use crate::cluster::metrics::{ClusterMetrics, Role, RoleLabel, SyncLabels, SyncResult};
+use crate::metrics::ReasonLabel;
 use crate::readiness::Readiness;
 use crate::store::{Changeset, SiteId, Store};
 use crate::transport::{PeerIdentity, Transport, encode_datagram};
@@ -118,7 +119,7 @@ enum Event {
 struct Shared {
     transport: Transport,
     store: Store,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ClusterMetrics>,
     options: DriverOptions,
     events: mpsc::Sender<Event>,
     apply: mpsc::Sender<Vec<Changeset>>,
@@ -136,7 +137,7 @@ pub fn spawn(
     core: Core,
     transport: Transport,
     store: Store,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ClusterMetrics>,
     options: DriverOptions,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -399,7 +400,7 @@ impl Driver {
                 self.shared
                     .metrics
                     .member_events
-                    .get_or_create(&crate::metrics::EventLabel::up())
+                    .get_or_create(&crate::cluster::metrics::EventLabel::up())
                     .inc();
             }
             MemberEvent::Down(member) => {
@@ -407,7 +408,7 @@ impl Driver {
                 self.shared
                     .metrics
                     .member_events
-                    .get_or_create(&crate::metrics::EventLabel::down())
+                    .get_or_create(&crate::cluster::metrics::EventLabel::down())
                     .inc();
                 // A restarted node comes back with a new connection; a dead one has none.
                 if !self.core.live().any(|m| m.addr == member.addr) {

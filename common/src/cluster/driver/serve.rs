@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{Shared, SyncError};
-use crate::metrics::{Role, RoleLabel, SyncLabels, SyncResult};
+use crate::cluster::metrics::{Role, RoleLabel, SyncLabels, SyncResult};
 use crate::transport::{Conn, Frame, read_frame, write_frame};
 use strata_core::message::{self, KIND_SYNC_REPLY, KIND_SYNC_REQUEST, SyncReply, SyncRequest};
 use strata_core::session::{Serve, Serving};

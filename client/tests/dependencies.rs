@@ -55,7 +55,7 @@ fn normal_dependencies(package: &str) -> Vec<String> {
     let output = Command::new(&cargo)
         .current_dir(workspace)
         .args(["tree", "-p", package, "-e", "normal", "--prefix", "none"])
-        .args(["--locked", "--offline"])
+        .args(["--locked"])
         .output()
         .unwrap_or_else(|err| panic!("cannot run {cargo}: {err}"));
     assert!(

@@ -1,8 +1,8 @@
 //! The cluster core: membership, broadcast and anti-entropy as one sans-IO state machine.
 //!
 //! Inputs come in through [`Core::handle`]; what to do comes out as [`Action`]s, which the tokio
-//! driver (`driver`) carries out on the network and the store, and which the simulator in
-//! `tests/` carries out on a simulated network and in-memory replicas. The core reads no clock,
+//! driver (`strata-common`'s `cluster::driver`) carries out on the network and the store, and
+//! which the simulator in `tests/` carries out on a simulated network and in-memory replicas. The core reads no clock,
 //! does no I/O, and draws every random choice from one seeded RNG, so a simulation replays
 //! exactly from its seed.
 //!

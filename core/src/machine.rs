@@ -2,9 +2,9 @@
 //!
 //! Inputs come in through [`Core::handle`]; what to do comes out as [`Action`]s, which the tokio
 //! driver (`strata-common`'s `cluster::driver`) carries out on the network and the store, and
-//! which the simulator in `tests/` carries out on a simulated network and in-memory replicas. The core reads no clock,
-//! does no I/O, and draws every random choice from one seeded RNG, so a simulation replays
-//! exactly from its seed.
+//! which the simulator in `tests/` carries out on a simulated network and in-memory replicas.
+//! The core reads no clock, does no I/O, and draws every random choice from one seeded RNG, so a
+//! simulation replays exactly from its seed.
 //!
 //! The order of actions within one call is the order they were produced; the driver performs
 //! them in that order.
